@@ -1,0 +1,47 @@
+//! What every bkv party agrees on: the gRPC `Vault` service and its messages (generated
+//! from `proto/bkv/v1/vault.proto`), the error detail every failed call carries, the
+//! OPAQUE cipher suite, account ids, and the labelled KDF/AEAD helpers.
+//!
+//! This crate holds no secrets of its own and no protocol state: secrets live in
+//! `bkv-hsm` and `bkv-client`, which call these helpers.
+#![forbid(unsafe_code)]
+
+pub mod account;
+pub mod seal;
+pub mod suite;
+
+pub use account::AccountId;
+pub use suite::Suite;
+
+/// Generated types of package `bkv.v1`.
+#[allow(missing_docs, clippy::all)]
+pub mod v1 {
+    tonic::include_proto!("bkv.v1");
+}
+
+use prost::Message;
+
+/// Largest message the vault accepts or sends; OPAQUE messages are a few hundred bytes.
+pub const MAX_MESSAGE_BYTES: usize = 16 * 1024;
+
+/// Builds a gRPC status whose details carry a [`v1::ErrorDetail`].
+pub fn error_status(
+    code: tonic::Code,
+    reason: v1::Reason,
+    attempts_left: u32,
+    message: impl Into<String>,
+) -> tonic::Status {
+    let detail = v1::ErrorDetail {
+        reason: reason as i32,
+        attempts_left,
+    };
+    tonic::Status::with_details(code, message, detail.encode_to_vec().into())
+}
+
+/// Reads the [`v1::ErrorDetail`] from a status, if the vault put one there.
+pub fn error_detail(status: &tonic::Status) -> Option<v1::ErrorDetail> {
+    if status.details().is_empty() {
+        return None;
+    }
+    v1::ErrorDetail::decode(status.details()).ok()
+}

@@ -1,0 +1,235 @@
+use super::*;
+
+fn alice() -> AccountId {
+    AccountId::new("t", "alice").unwrap()
+}
+
+fn enrollment(tag: u8) -> Enrollment {
+    Enrollment {
+        registration: Zeroizing::new(vec![tag; 192]),
+        wrapped_key: Zeroizing::new(vec![tag; 72]),
+        ksf: KsfParams {
+            memory_kib: 8,
+            iterations: 1,
+            parallelism: 1,
+        },
+    }
+}
+
+fn enroll(table: &mut RecordTable, tag: u8, max: u32) -> u64 {
+    match table.apply(&Command::Enroll {
+        account: alice(),
+        enrollment: enrollment(tag),
+        max_attempts: max,
+    }) {
+        Outcome::Enrolled {
+            generation,
+            attempts_left,
+        } => {
+            assert_eq!(attempts_left, max);
+            generation
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+fn spend(table: &mut RecordTable, generation: u64) -> Outcome {
+    table.apply(&Command::SpendGuess {
+        account: alice(),
+        generation,
+    })
+}
+
+#[test]
+fn never_enrolled_account_has_nothing_to_spend() {
+    let mut table = RecordTable::new();
+    assert_eq!(table.get(&alice()), RecordView::NotEnrolled);
+    assert_eq!(spend(&mut table, 1), Outcome::NotEnrolled);
+    assert_eq!(
+        table.apply(&Command::ResetGuesses {
+            account: alice(),
+            generation: 1
+        }),
+        Outcome::NotEnrolled
+    );
+    assert_eq!(
+        table.apply(&Command::Destroy {
+            account: alice(),
+            generation: 1
+        }),
+        Outcome::NotEnrolled
+    );
+    assert_eq!(table, RecordTable::new(), "refused commands change nothing");
+}
+
+#[test]
+fn guesses_count_down_then_the_record_is_destroyed() {
+    let mut table = RecordTable::new();
+    let generation = enroll(&mut table, 1, 3);
+    for left in [2, 1, 0] {
+        assert_eq!(
+            spend(&mut table, generation),
+            Outcome::GuessSpent {
+                attempts_left: left
+            }
+        );
+    }
+    // No guesses left: the next attempt destroys instead of spending.
+    assert_eq!(spend(&mut table, generation), Outcome::Destroyed);
+    assert_eq!(table.get(&alice()), RecordView::Destroyed);
+    assert_eq!(table.active_records(), 0);
+}
+
+#[test]
+fn destroyed_record_never_comes_back() {
+    let mut table = RecordTable::new();
+    let generation = enroll(&mut table, 1, 1);
+    assert_eq!(
+        table.apply(&Command::Destroy {
+            account: alice(),
+            generation
+        }),
+        Outcome::Destroyed
+    );
+    for command in [
+        Command::SpendGuess {
+            account: alice(),
+            generation,
+        },
+        Command::ResetGuesses {
+            account: alice(),
+            generation,
+        },
+        Command::Destroy {
+            account: alice(),
+            generation,
+        },
+    ] {
+        assert_eq!(table.apply(&command), Outcome::AlreadyDestroyed);
+        assert_eq!(table.get(&alice()), RecordView::Destroyed);
+    }
+}
+
+#[test]
+fn correct_pin_restores_the_full_budget() {
+    let mut table = RecordTable::new();
+    let generation = enroll(&mut table, 1, 10);
+    spend(&mut table, generation);
+    spend(&mut table, generation);
+    assert_eq!(
+        table.apply(&Command::ResetGuesses {
+            account: alice(),
+            generation
+        }),
+        Outcome::GuessesReset { attempts_left: 10 }
+    );
+}
+
+#[test]
+fn reset_at_zero_attempts_restores_budget() {
+    // The last guess was the right PIN: KE3 arrives while attempts_left is 0.
+    let mut table = RecordTable::new();
+    let generation = enroll(&mut table, 1, 1);
+    assert_eq!(
+        spend(&mut table, generation),
+        Outcome::GuessSpent { attempts_left: 0 }
+    );
+    assert_eq!(
+        table.apply(&Command::ResetGuesses {
+            account: alice(),
+            generation
+        }),
+        Outcome::GuessesReset { attempts_left: 1 }
+    );
+}
+
+#[test]
+fn re_enrollment_replaces_the_record_and_restores_the_budget() {
+    let mut table = RecordTable::new();
+    let first = enroll(&mut table, 1, 10);
+    spend(&mut table, first);
+    let second = enroll(&mut table, 2, 10);
+    assert!(second > first);
+    match table.get(&alice()) {
+        RecordView::Active(r) => {
+            assert_eq!(r.attempts_left, 10);
+            assert_eq!(r.enrollment, enrollment(2));
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[test]
+fn commands_for_a_replaced_enrollment_are_stale() {
+    let mut table = RecordTable::new();
+    let first = enroll(&mut table, 1, 10);
+    let second = enroll(&mut table, 2, 10);
+    let before = table.clone();
+    assert_eq!(spend(&mut table, first), Outcome::StaleGeneration);
+    assert_eq!(
+        table.apply(&Command::ResetGuesses {
+            account: alice(),
+            generation: first
+        }),
+        Outcome::StaleGeneration
+    );
+    assert_eq!(
+        table.apply(&Command::Destroy {
+            account: alice(),
+            generation: first
+        }),
+        Outcome::StaleGeneration
+    );
+    assert_eq!(table, before);
+    assert_eq!(
+        spend(&mut table, second),
+        Outcome::GuessSpent { attempts_left: 9 }
+    );
+}
+
+#[test]
+fn enrolling_after_destruction_starts_a_new_generation() {
+    let mut table = RecordTable::new();
+    let first = enroll(&mut table, 1, 1);
+    table.apply(&Command::Destroy {
+        account: alice(),
+        generation: first,
+    });
+    let second = enroll(&mut table, 2, 5);
+    assert!(second > first);
+    // The old generation's commands cannot touch the new record.
+    assert_eq!(spend(&mut table, first), Outcome::StaleGeneration);
+}
+
+#[test]
+fn zero_budget_enrollment_is_destroyed_by_its_first_guess() {
+    let mut table = RecordTable::new();
+    let generation = enroll(&mut table, 1, 0);
+    assert_eq!(spend(&mut table, generation), Outcome::Destroyed);
+}
+
+#[test]
+fn accounts_are_independent() {
+    let mut table = RecordTable::new();
+    let generation = enroll(&mut table, 1, 2);
+    let bob = AccountId::new("t", "bob").unwrap();
+    assert_eq!(
+        table.apply(&Command::SpendGuess {
+            account: bob.clone(),
+            generation
+        }),
+        Outcome::NotEnrolled
+    );
+    assert_eq!(table.get(&bob), RecordView::NotEnrolled);
+    assert_eq!(
+        spend(&mut table, generation),
+        Outcome::GuessSpent { attempts_left: 1 }
+    );
+}
+
+#[test]
+fn debug_output_redacts_secrets() {
+    let text = format!("{:?}", enrollment(0xAB));
+    assert!(text.contains("(redacted)"));
+    assert!(!text.contains("171"), "raw bytes must not appear: {text}");
+}
