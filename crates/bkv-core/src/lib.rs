@@ -11,7 +11,7 @@ pub mod seal;
 pub mod suite;
 
 pub use account::AccountId;
-pub use suite::Suite;
+pub use suite::{KsfParams, Suite};
 
 /// Generated types of package `bkv.v1`.
 #[allow(missing_docs, clippy::all)]

@@ -101,6 +101,13 @@ pub fn open(
         .map_err(|_| SealError::Authentication)
 }
 
+/// AEAD context for a released key: binds it to one login and one account.
+pub fn release_context(login_id: &[u8], account: &crate::AccountId) -> Vec<u8> {
+    let mut context = login_id.to_vec();
+    context.extend_from_slice(&account.credential_identifier());
+    context
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

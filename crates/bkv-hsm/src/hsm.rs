@@ -6,9 +6,9 @@
 
 use crate::pending::{AwaitingKe3, LoginId, PendingLogins};
 use crate::platform::{Platform, PlatformRng};
-use crate::records::{Command, Enrollment, KsfParams, Outcome, RecordTable, RecordView};
-use bkv_core::seal::{self, LABEL_KEY_RELEASE};
-use bkv_core::{AccountId, Suite};
+use crate::records::{Command, Enrollment, Outcome, RecordTable, RecordView};
+use bkv_core::seal::{self, release_context, LABEL_KEY_RELEASE};
+use bkv_core::{AccountId, KsfParams, Suite};
 use opaque_ke::{
     CredentialFinalization, CredentialRequest, RegistrationRequest, RegistrationUpload,
     ServerLogin, ServerLoginParameters, ServerRegistration, ServerSetup,
@@ -211,6 +211,9 @@ impl<P: Platform> Hsm<P> {
         if wrapped_key.is_empty() || wrapped_key.len() > MAX_WRAPPED_KEY_LEN {
             return Err(HsmError::Malformed("wrapped key"));
         }
+        let ksf = ksf
+            .check()
+            .map_err(|_| HsmError::Malformed("Argon2id parameters"))?;
         let registration = ServerRegistration::<Suite>::finish(upload);
         let enrollment = Enrollment {
             registration: Zeroizing::new(registration.serialize().to_vec()),
@@ -407,13 +410,6 @@ impl<P: Platform> Hsm<P> {
             _ => 0,
         }
     }
-}
-
-/// AEAD context for a released key: binds it to this login and this account.
-pub fn release_context(login_id: &[u8], account: &AccountId) -> Vec<u8> {
-    let mut context = login_id.to_vec();
-    context.extend_from_slice(&account.credential_identifier());
-    context
 }
 
 #[cfg(test)]

@@ -14,10 +14,10 @@ mod pending;
 pub mod platform;
 pub mod records;
 
+pub use bkv_core::KsfParams;
 pub use hsm::{
-    release_context, EnrollStarted, Hsm, HsmConfig, HsmError, KeyReleased, RecordStatus,
-    RecoverStarted, MAX_WRAPPED_KEY_LEN,
+    EnrollStarted, Hsm, HsmConfig, HsmError, KeyReleased, RecordStatus, RecoverStarted,
+    MAX_WRAPPED_KEY_LEN,
 };
 pub use pending::LoginId;
 pub use platform::{Platform, SimulatedClock, SimulatedPlatform, SoftwarePlatform};
-pub use records::KsfParams;

@@ -5,21 +5,10 @@
 //! commands in the same order holds the same table. Guess accounting lives here:
 //! a guess is spent by [`Command::SpendGuess`] before any KE2 leaves the HSM.
 
-use bkv_core::AccountId;
+use bkv_core::{AccountId, KsfParams};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use zeroize::Zeroizing;
-
-/// Argon2id cost the client used at enrollment (public; returned to recovering clients).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct KsfParams {
-    /// Memory in KiB.
-    pub memory_kib: u32,
-    /// Number of passes.
-    pub iterations: u32,
-    /// Lanes.
-    pub parallelism: u32,
-}
 
 /// What an enrollment stores: the OPAQUE password file and the client-wrapped backup key.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]

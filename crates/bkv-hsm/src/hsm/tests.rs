@@ -1,6 +1,6 @@
 use super::*;
 use crate::platform::{SimulatedClock, SimulatedPlatform};
-use bkv_core::seal::LABEL_BACKUP_KEY_WRAP;
+use bkv_core::seal::{release_context, LABEL_BACKUP_KEY_WRAP};
 use opaque_ke::{
     ClientLogin, ClientLoginFinishParameters, ClientRegistration,
     ClientRegistrationFinishParameters, CredentialResponse, Identifiers, RegistrationResponse,

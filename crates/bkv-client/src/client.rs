@@ -1,0 +1,255 @@
+//! `VaultClient`: the SDK's entry point, carrying the typed flows over gRPC.
+
+use crate::config::ClientConfig;
+use crate::error::{ClientError, TrustError};
+use crate::flow::{EnrollmentStarted, Ke2, Ke2Outcome, RecoveryStarted};
+use crate::secrets::{BackupKey, Pin};
+use crate::token::TokenSource;
+use bkv_core::v1::{self, vault_client::VaultClient as Grpc};
+use bkv_core::{AccountId, KsfParams, MAX_MESSAGE_BYTES};
+use rand_core::OsRng;
+use std::time::Duration;
+use tonic::transport::{Channel, Endpoint};
+use tonic::Request;
+
+/// State of an account's record as the vault reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordState {
+    /// Never enrolled.
+    NotEnrolled,
+    /// Enrolled.
+    Active,
+    /// Destroyed after too many wrong PINs.
+    Destroyed,
+}
+
+/// An account's status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AccountStatus {
+    /// The record's state.
+    pub state: RecordState,
+    /// Guesses left (0 unless active).
+    pub attempts_left: u32,
+    /// The vault's budget per record.
+    pub max_attempts: u32,
+}
+
+/// A recovered key and the budget the record has again.
+#[derive(Debug)]
+pub struct Recovered {
+    /// The backup key.
+    pub key: BackupKey,
+    /// Guesses left (the full budget).
+    pub attempts_left: u32,
+}
+
+/// A connection to one vault, trusting one pinned fleet key.
+pub struct VaultClient {
+    grpc: Grpc<Channel>,
+    pinned: [u8; 32],
+    tokens: TokenSource,
+    tenant: String,
+    ksf: KsfParams,
+}
+
+impl std::fmt::Debug for VaultClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VaultClient")
+            .field("pinned", &hex::encode(self.pinned))
+            .field("tokens", &self.tokens)
+            .finish()
+    }
+}
+
+impl VaultClient {
+    /// Prepares a client for `config`; the connection is made on first use.
+    pub fn new(config: &ClientConfig, tokens: TokenSource) -> Result<Self, ClientError> {
+        let endpoint = Endpoint::from_shared(config.url.clone())
+            .map_err(|e| ClientError::Config {
+                path: "url".into(),
+                reason: e.to_string(),
+            })?
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(30));
+        let grpc = Grpc::new(endpoint.connect_lazy())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        Ok(Self {
+            grpc,
+            pinned: config.pinned_fleet_key()?,
+            tokens,
+            tenant: config.tenant.clone(),
+            ksf: config.ksf.check().map_err(|e| ClientError::Config {
+                path: "ksf".into(),
+                reason: e.to_string(),
+            })?,
+        })
+    }
+
+    fn account(&self, user: &str) -> Result<AccountId, ClientError> {
+        AccountId::new(self.tenant.clone(), user).map_err(|e| ClientError::Config {
+            path: "user".into(),
+            reason: e.to_string(),
+        })
+    }
+
+    fn request<T>(&self, user: &str, body: T) -> Result<Request<T>, ClientError> {
+        let token = self.tokens.token_for(user)?;
+        let mut request = Request::new(body);
+        let value = format!("Bearer {}", token.as_str())
+            .parse()
+            .map_err(|_| ClientError::Unauthenticated("token is not valid header text".into()))?;
+        request.metadata_mut().insert("authorization", value);
+        Ok(request)
+    }
+
+    /// Escrows `key` behind `pin` for `user`, replacing any earlier enrollment.
+    /// Returns the guess budget of the new record.
+    pub async fn enroll(
+        &mut self,
+        user: &str,
+        pin: Pin,
+        key: &BackupKey,
+    ) -> Result<u32, ClientError> {
+        let account = self.account(user)?;
+        let (started, registration_request) =
+            EnrollmentStarted::begin(&mut OsRng, account, pin, self.ksf)?;
+        let response = self
+            .grpc
+            .enroll_start(self.request(
+                user,
+                v1::EnrollStartRequest {
+                    registration_request,
+                },
+            )?)
+            .await
+            .map_err(ClientError::from_status)?
+            .into_inner();
+        // Argon2id runs on a blocking thread: it takes tens of milliseconds and megabytes.
+        let pinned = self.pinned;
+        let key = key.clone();
+        let upload = tokio::task::spawn_blocking(move || {
+            started.finish(
+                &mut OsRng,
+                &response.registration_response,
+                &response.fleet_key,
+                &pinned,
+                &key,
+            )
+        })
+        .await
+        .map_err(|e| ClientError::Protocol(format!("enrollment task failed: {e}")))??;
+        let finish = v1::EnrollFinishRequest {
+            registration_upload: upload.registration_upload,
+            wrapped_key: upload.wrapped_key,
+            ksf: Some(v1::KsfParams {
+                memory_kib: upload.ksf.memory_kib,
+                iterations: upload.ksf.iterations,
+                parallelism: upload.ksf.parallelism,
+            }),
+        };
+        let done = self
+            .grpc
+            .enroll_finish(self.request(user, finish)?)
+            .await
+            .map_err(ClientError::from_status)?
+            .into_inner();
+        Ok(done.attempts_left)
+    }
+
+    /// Recovers `user`'s key with `pin`. Spends one guess, given back if the PIN is right.
+    pub async fn recover(&mut self, user: &str, pin: Pin) -> Result<Recovered, ClientError> {
+        let account = self.account(user)?;
+        let (started, ke1) = RecoveryStarted::begin(&mut OsRng, account, pin)?;
+        let answer = self
+            .grpc
+            .recover_start(self.request(user, v1::RecoverStartRequest { ke1 })?)
+            .await
+            .map_err(ClientError::from_status)?
+            .into_inner();
+        let ksf = answer
+            .ksf
+            .map(|k| KsfParams {
+                memory_kib: k.memory_kib,
+                iterations: k.iterations,
+                parallelism: k.parallelism,
+            })
+            .unwrap_or(self.ksf);
+        let pinned = self.pinned;
+        let ke2 = answer.ke2.clone();
+        let fleet_key = answer.fleet_key.clone();
+        let outcome = tokio::task::spawn_blocking(move || {
+            started.on_ke2(
+                &mut OsRng,
+                Ke2 {
+                    ke2: &ke2,
+                    fleet_key: &fleet_key,
+                    ksf,
+                },
+                &pinned,
+            )
+        })
+        .await
+        .map_err(|e| ClientError::Protocol(format!("recovery task failed: {e}")))??;
+        let proven = match outcome {
+            Ke2Outcome::Proven(proven) => proven,
+            Ke2Outcome::WrongPin => {
+                // Tell the vault at once, so a record with no guesses left is destroyed now.
+                // Best effort: if this fails, the vault destroys it when the login expires.
+                let abort = v1::RecoverAbortRequest {
+                    login_id: answer.login_id.clone(),
+                };
+                if let Ok(request) = self.request(user, abort) {
+                    let _ = self.grpc.recover_abort(request).await;
+                }
+                return Err(ClientError::WrongPin {
+                    attempts_left: answer.attempts_left,
+                });
+            }
+        };
+        let finish = v1::RecoverFinishRequest {
+            login_id: answer.login_id.clone(),
+            ke3: proven.ke3.clone(),
+        };
+        let released = self
+            .grpc
+            .recover_finish(self.request(user, finish)?)
+            .await
+            .map_err(ClientError::from_status)?
+            .into_inner();
+        let key = proven.open(&answer.login_id, &released.sealed_wrapped_key)?;
+        Ok(Recovered {
+            key,
+            attempts_left: released.attempts_left,
+        })
+    }
+
+    /// The public state of `user`'s record.
+    pub async fn status(&mut self, user: &str) -> Result<AccountStatus, ClientError> {
+        self.account(user)?;
+        let answer = self
+            .grpc
+            .status(self.request(user, v1::StatusRequest {})?)
+            .await
+            .map_err(ClientError::from_status)?
+            .into_inner();
+        if answer.fleet_key != self.pinned {
+            return Err(TrustError::FleetKeyMismatch {
+                presented: hex::encode(&answer.fleet_key),
+                pinned: hex::encode(self.pinned),
+            }
+            .into());
+        }
+        let state = match v1::RecordState::try_from(answer.state) {
+            Ok(v1::RecordState::NotEnrolled) => RecordState::NotEnrolled,
+            Ok(v1::RecordState::Active) => RecordState::Active,
+            Ok(v1::RecordState::Destroyed) => RecordState::Destroyed,
+            _ => return Err(ClientError::Protocol("unknown record state".into())),
+        };
+        Ok(AccountStatus {
+            state,
+            attempts_left: answer.attempts_left,
+            max_attempts: answer.max_attempts,
+        })
+    }
+}

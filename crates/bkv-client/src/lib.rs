@@ -1,0 +1,22 @@
+//! The bkv client SDK: makes a backup key on the device, escrows it in a vault behind a
+//! PIN with OPAQUE, and recovers it on a new device.
+//!
+//! The client trusts only the fleet key it pinned: it checks the vault's key before it
+//! finishes enrollment or recovery. Its secrets (backup key, PIN, OPAQUE outputs) are
+//! zeroized on drop and never logged. Not here: backup archives, bundles (later issues).
+#![forbid(unsafe_code)]
+
+pub mod client;
+pub mod config;
+pub mod device;
+pub mod error;
+pub mod flow;
+pub mod secrets;
+pub mod token;
+
+pub use client::{AccountStatus, RecordState, Recovered, VaultClient};
+pub use config::{ClientConfig, DevTokens};
+pub use device::Device;
+pub use error::{exit, ClientError, TrustError};
+pub use secrets::{BackupKey, Pin};
+pub use token::TokenSource;

@@ -1,0 +1,105 @@
+//! `bkv`: run a development vault and use it as a device would.
+#![forbid(unsafe_code)]
+
+mod input;
+mod key;
+mod up;
+
+use bkv_client::exit;
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  success
+  1  any other failure (bad config, refused account token, protocol error)
+  2  usage error (bad arguments, PIN of the wrong length, malformed recovery code)
+  3  wrong PIN (stderr: \"wrong PIN: N attempts left\")
+  4  no key to recover (never enrolled, or destroyed after too many wrong PINs)
+  5  vault unreachable or unavailable
+  6  trust failure (the vault's key is not the pinned fleet key)";
+
+/// Backup Key Vault: escrow a backup key behind a PIN in a fleet of HSMs.
+#[derive(Parser)]
+#[command(name = "bkv", version, about, after_help = EXIT_CODES)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start a development vault (software HSM) in the foreground.
+    Up(up::UpArgs),
+    /// Manage a device's backup key: enroll, recover, status, recovery codes.
+    #[command(subcommand, after_help = EXIT_CODES)]
+    Key(key::KeyCommand),
+}
+
+/// A failed command: what to print and which exit code to return.
+pub struct Failure {
+    code: i32,
+    error: anyhow::Error,
+}
+
+impl Failure {
+    /// A failure with an explicit exit code.
+    pub fn new(code: i32, error: impl Into<anyhow::Error>) -> Self {
+        Self {
+            code,
+            error: error.into(),
+        }
+    }
+}
+
+impl From<bkv_client::ClientError> for Failure {
+    fn from(error: bkv_client::ClientError) -> Self {
+        Self::new(error.exit_code(), error)
+    }
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(error: anyhow::Error) -> Self {
+        Self::new(exit::OTHER, error)
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        let default = if matches!(cli.command, Command::Up(_)) {
+            "info"
+        } else {
+            "warn"
+        };
+        tracing_subscriber::EnvFilter::new(default)
+    });
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(filter)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(exit::OTHER as u8);
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Up(args) => up::run(args).await,
+            Command::Key(command) => key::run(command).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            eprintln!("error: {:#}", failure.error);
+            ExitCode::from(failure.code as u8)
+        }
+    }
+}
