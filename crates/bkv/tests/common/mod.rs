@@ -1,0 +1,169 @@
+//! Test harness: starts the real `bkv up` binary and drives the real CLI.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// Path of the `bkv` binary under test.
+pub fn bkv_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_bkv")
+}
+
+/// A running dev vault in its own temporary directory.
+pub struct Vault {
+    child: Child,
+    pub root: tempfile::TempDir,
+    pub url: String,
+    pub stderr: PathBuf,
+}
+
+impl Vault {
+    /// Starts `bkv up` on a free loopback port and waits for its "ready" line.
+    pub fn start(extra: &[&str]) -> Vault {
+        let root = tempfile::tempdir().unwrap();
+        let stderr_path = root.path().join("up.stderr");
+        let stderr = std::fs::File::create(&stderr_path).unwrap();
+        let mut child = Command::new(bkv_bin())
+            .args(["up", "--dir"])
+            .arg(root.path().join("vault-dev"))
+            .args(["--listen", "127.0.0.1:0"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .expect("bkv up starts");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(url) = line.strip_prefix("ready ") {
+                    let _ = tx.send(url.to_string());
+                }
+            }
+        });
+        let url = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(url) => url,
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "bkv up did not print a ready line; stderr:\n{}",
+                    std::fs::read_to_string(&stderr_path).unwrap_or_default()
+                );
+            }
+        };
+        Vault {
+            child,
+            root,
+            url,
+            stderr: stderr_path,
+        }
+    }
+
+    /// The client config `bkv up` wrote.
+    pub fn config(&self) -> PathBuf {
+        self.root.path().join("vault-dev").join("client.toml")
+    }
+
+    /// A device directory inside the vault's temporary root.
+    pub fn device(&self, name: &str) -> PathBuf {
+        self.root.path().join(name)
+    }
+
+    /// `bkv key <verb> --config … --user <user> …` with `stdin` as input.
+    pub fn key(&self, verb: &str, user: &str, args: &[&str], stdin: &str) -> Output {
+        let config = self.config();
+        let mut all = vec![
+            "key",
+            verb,
+            "--config",
+            config.to_str().unwrap(),
+            "--user",
+            user,
+        ];
+        all.extend_from_slice(args);
+        run(&all, stdin)
+    }
+
+    /// Enrolls `user` on `device` with `pin`; asserts success.
+    pub fn enroll(&self, user: &str, device: &Path, pin: &str) {
+        let out = self.key(
+            "enroll",
+            user,
+            &["--device", device.to_str().unwrap(), "--pin-stdin"],
+            &format!("{pin}\n"),
+        );
+        assert_success(&out);
+    }
+
+    /// Recovers `user` onto `device` with `pin`.
+    pub fn recover(&self, user: &str, device: &Path, pin: &str) -> Output {
+        self.key(
+            "recover",
+            user,
+            &["--device", device.to_str().unwrap(), "--pin-stdin"],
+            &format!("{pin}\n"),
+        )
+    }
+
+    /// `bkv key status --json` for `user`, parsed.
+    pub fn status(&self, user: &str) -> serde_json::Value {
+        let out = self.key("status", user, &["--json"], "");
+        assert_success(&out);
+        serde_json::from_slice(&out.stdout).expect("status --json prints JSON")
+    }
+
+    /// Whether the vault process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for Vault {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `bkv` with `args`, feeding `stdin`.
+pub fn run(args: &[&str], stdin: &str) -> Output {
+    let mut child = Command::new(bkv_bin())
+        .args(args)
+        .env_remove("BKV_TOKEN")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // A command that refuses its arguments exits before reading stdin.
+    if let Err(e) = child.stdin.take().unwrap().write_all(stdin.as_bytes()) {
+        assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe, "{e}");
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// Exit code of a finished command.
+pub fn code(out: &Output) -> i32 {
+    out.status.code().expect("exited normally")
+}
+
+/// Standard error as text.
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Asserts exit 0, showing stderr otherwise.
+pub fn assert_success(out: &Output) {
+    assert_eq!(code(out), 0, "stderr: {}", stderr(out));
+}
+
+/// Asserts the exit code and that stderr contains `needle`.
+pub fn assert_fails(out: &Output, expected: i32, needle: &str) {
+    let err = stderr(out);
+    assert_eq!(code(out), expected, "stderr: {err}");
+    assert!(err.contains(needle), "stderr {err:?} lacks {needle:?}");
+}
