@@ -43,6 +43,22 @@ pub struct Recovered {
     pub attempts_left: u32,
 }
 
+/// Asks the frontend of `config` for the fleet's members and health (no account needed).
+pub async fn fleet_status(config: &ClientConfig) -> Result<v1::FleetStatusResponse, ClientError> {
+    let endpoint = Endpoint::from_shared(config.url.clone())
+        .map_err(|e| ClientError::Config {
+            path: "url".into(),
+            reason: e.to_string(),
+        })?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(30));
+    let mut grpc = Grpc::new(endpoint.connect_lazy());
+    grpc.fleet_status(v1::FleetStatusRequest {})
+        .await
+        .map(|r| r.into_inner())
+        .map_err(ClientError::from_status)
+}
+
 /// A connection to one vault, trusting one pinned fleet key.
 pub struct VaultClient {
     grpc: Grpc<Channel>,

@@ -67,13 +67,21 @@ impl ClientConfig {
         }
         let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
         let config: Self = toml::from_str(&text).map_err(|e| bad(e.message().to_string()))?;
-        config.pinned_fleet_key().map_err(|e| bad(e.to_string()))?;
+        if !config.fleet_key.trim().is_empty() {
+            config.pinned_fleet_key().map_err(|e| bad(e.to_string()))?;
+        }
         config.ksf.check().map_err(|e| bad(e.to_string()))?;
         Ok(config)
     }
 
     /// The pinned fleet key as bytes.
     pub fn pinned_fleet_key(&self) -> Result<[u8; 32], ClientError> {
+        if self.fleet_key.trim().is_empty() {
+            return Err(ClientError::Config {
+                path: "fleet_key".into(),
+                reason: "no fleet key is pinned yet (the fleet has not been founded, or the frontend has not pinned it)".into(),
+            });
+        }
         let mut key = [0u8; 32];
         hex::decode_to_slice(self.fleet_key.trim(), &mut key).map_err(|_| ClientError::Config {
             path: "fleet_key".into(),

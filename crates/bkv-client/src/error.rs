@@ -101,7 +101,7 @@ impl ClientError {
             (Reason::Unauthenticated, _) | (_, Code::Unauthenticated) => {
                 ClientError::Unauthenticated(status.message().to_string())
             }
-            (Reason::Unavailable | Reason::Busy, _)
+            (Reason::Unavailable | Reason::Busy | Reason::NotLeader, _)
             | (
                 _,
                 Code::Unavailable

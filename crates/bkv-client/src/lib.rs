@@ -14,7 +14,7 @@ pub mod flow;
 pub mod secrets;
 pub mod token;
 
-pub use client::{AccountStatus, RecordState, Recovered, VaultClient};
+pub use client::{fleet_status, AccountStatus, RecordState, Recovered, VaultClient};
 pub use config::{ClientConfig, DevTokens};
 pub use device::Device;
 pub use error::{exit, ClientError, TrustError};

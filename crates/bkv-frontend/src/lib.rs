@@ -1,30 +1,30 @@
 //! The untrusted client-facing frontend of bkv.
 //!
-//! It authenticates accounts (JWT account tokens), relays OPAQUE messages to the HSM,
-//! and maps outcomes to gRPC statuses. It is trusted for liveness and for account
-//! authentication only: it holds no vault secret and can read none of the bytes it
-//! relays. Not here: anything that decides a guess or releases a key (that is `bkv-hsm`).
+//! It authenticates accounts (JWT account tokens), finds the fleet's leader and relays
+//! OPAQUE messages to it, retrying across members until a deadline. It is trusted for
+//! liveness and account authentication only: it holds no vault secret and can read none
+//! of the bytes it relays. Not here: anything that decides a guess or releases a key.
 #![forbid(unsafe_code)]
 
-pub mod auth;
-pub mod service;
+pub mod config;
+pub mod router;
 
-pub use auth::{AuthConfig, TokenKey, TokenVerifier};
-pub use service::VaultService;
+pub use bkv_core::auth::{AuthConfig, TokenKey, TokenVerifier};
+pub use config::{FrontendConfig, NodeAddress};
+pub use router::{FleetRouter, RouterConfig};
 
 use bkv_core::v1::vault_server::VaultServer;
 use bkv_core::MAX_MESSAGE_BYTES;
-use bkv_hsm::Platform;
 use std::future::Future;
 use tokio::net::TcpListener;
 
-/// Serves the vault on `listener` until `shutdown` completes.
-pub async fn serve<P: Platform>(
+/// Serves the client-facing vault on `listener` until `shutdown` completes.
+pub async fn serve(
     listener: TcpListener,
-    service: VaultService<P>,
+    router: std::sync::Arc<FleetRouter>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
-    let server = VaultServer::new(service)
+    let server = VaultServer::from_arc(router)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     tonic::transport::Server::builder()

@@ -39,7 +39,7 @@ impl PendingLogins {
         self.logins.len() < self.capacity
     }
 
-    pub(crate) fn insert(&mut self, platform: &mut impl Platform, login: AwaitingKe3) -> LoginId {
+    pub(crate) fn insert(&mut self, platform: &dyn Platform, login: AwaitingKe3) -> LoginId {
         loop {
             let mut id = [0u8; 16];
             platform.fill_random(&mut id);

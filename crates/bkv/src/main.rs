@@ -1,8 +1,10 @@
 //! `bkv`: run a development vault and use it as a device would.
 #![forbid(unsafe_code)]
 
+mod fleet;
 mod input;
 mod key;
+mod serve;
 mod up;
 
 use bkv_client::exit;
@@ -29,8 +31,27 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Start a development vault (software HSM) in the foreground.
+    /// Start a development fleet (software HSMs, one node process per datacenter, and
+    /// the frontend) in the foreground.
     Up(up::UpArgs),
+    /// Run one fleet node (one datacenter's HSM and its host).
+    Node {
+        /// The node config written by `bkv fleet init`.
+        #[arg(long, value_name = "FILE")]
+        config: std::path::PathBuf,
+        /// Exit when standard input closes (used by `bkv up` for its children).
+        #[arg(long)]
+        exit_with_parent: bool,
+    },
+    /// Run the client-facing frontend of a fleet.
+    Frontend {
+        /// The frontend config written by `bkv fleet init`.
+        #[arg(long, value_name = "FILE")]
+        config: std::path::PathBuf,
+    },
+    /// Lay out a fleet's configuration, or report its health.
+    #[command(subcommand)]
+    Fleet(fleet::FleetCommand),
     /// Manage a device's backup key: enroll, recover, status, recovery codes.
     #[command(subcommand, after_help = EXIT_CODES)]
     Key(key::KeyCommand),
@@ -93,6 +114,12 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Up(args) => up::run(args).await,
             Command::Key(command) => key::run(command).await,
+            Command::Node {
+                config,
+                exit_with_parent,
+            } => serve::node(config, exit_with_parent).await,
+            Command::Frontend { config } => serve::frontend(config).await,
+            Command::Fleet(command) => fleet::run(command).await,
         }
     });
     match result {

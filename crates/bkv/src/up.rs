@@ -1,17 +1,20 @@
-//! `bkv up`: a development vault in one process, on embedded defaults.
+//! `bkv up`: a whole development fleet on one machine, on embedded defaults: one node
+//! process per datacenter, the frontend in this process.
 
+use crate::fleet::{free_ports, write_client_config, write_fleet};
+use crate::serve::{serve_router, shutdown_signal};
 use crate::Failure;
 use anyhow::Context;
-use bkv_client::{ClientConfig, DevTokens};
-use bkv_core::KsfParams;
-use bkv_frontend::{AuthConfig, TokenKey, TokenVerifier, VaultService};
-use bkv_hsm::{Hsm, HsmConfig, SoftwarePlatform};
+use bkv_client::ClientConfig;
+use bkv_core::auth::{AuthConfig, TokenVerifier};
+use bkv_frontend::{FleetRouter, RouterConfig};
 use clap::Args;
-use rand::RngCore;
 use std::io::Write;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// Loopback address `bkv up` listens on unless told otherwise.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7450";
@@ -19,12 +22,16 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:7450";
 /// Arguments of `bkv up`.
 #[derive(Args)]
 pub struct UpArgs {
-    /// Directory for the vault's files (client.toml). Created if missing.
+    /// Directory for the fleet's files (configs, nodes.json, logs). Created if missing.
     #[arg(long, value_name = "DIR", default_value = "./vault-dev")]
     dir: PathBuf,
-    /// Address to listen on; port 0 picks a free port (the "ready" line says which).
+    /// Frontend address; port 0 picks free ports for the frontend and every node
+    /// (the "ready" line says which). Otherwise node N listens on port + N.
     #[arg(long, value_name = "ADDR", default_value = DEFAULT_LISTEN)]
     listen: SocketAddr,
+    /// Number of datacenters, one node process each.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u16).range(1..=15))]
+    datacenters: u16,
     /// Wrong PINs a record survives before it is destroyed.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1000))]
     max_attempts: u32,
@@ -42,122 +49,148 @@ const BANNER: &str = "\
  bkv DEVELOPMENT VAULT
  software HSM: for development only. It is not tamper resistant,
  holds its secrets in ordinary memory, and forgets every
- enrollment when it stops. Never escrow a real key here.
+ enrollment when the fleet stops. Never escrow a real key here.
 ================================================================";
 
-/// Writes `text` to `path` atomically with mode 0600.
-fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
-    let mut file = options
-        .open(&tmp)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    file.write_all(text.as_bytes())?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
-}
+/// The node processes; killed when `bkv up` ends (they also exit when its pipe closes).
+struct Nodes(Vec<Child>);
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(term) => term,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = ctrl_c => {},
-            _ = term.recv() => {},
+impl Drop for Nodes {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
         }
     }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
 }
 
-/// Runs the dev vault until interrupted.
+/// Runs the dev fleet until interrupted.
 pub async fn run(args: UpArgs) -> Result<(), Failure> {
     eprintln!("{BANNER}");
-    std::fs::create_dir_all(&args.dir)
-        .with_context(|| format!("cannot create {}", args.dir.display()))?;
-
-    let hsm = Hsm::found(
-        SoftwarePlatform::new(),
-        HsmConfig {
-            max_attempts: args.max_attempts,
-            login_deadline_ms: args.login_deadline * 1000,
-            ..HsmConfig::default()
-        },
-    );
-    let fleet_key = hex::encode(hsm.fleet_key());
-
-    let (auth, dev) = match &args.auth {
+    let n = args.datacenters as usize;
+    let auth: Option<AuthConfig> = match &args.auth {
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("cannot read {}", path.display()))?;
-            let auth: AuthConfig = toml::from_str(&text)
-                .with_context(|| format!("invalid auth config {}", path.display()))?;
-            (auth, None)
-        }
-        None => {
-            let mut secret = zeroize::Zeroizing::new([0u8; 32]);
-            rand::rngs::OsRng.fill_bytes(secret.as_mut());
-            let secret_hex = hex::encode(secret.as_ref());
-            let auth = AuthConfig {
-                audience: format!("bkv-dev-{}", &fleet_key[..16]),
-                keys: vec![TokenKey::Hs256 {
-                    secret_hex: secret_hex.clone(),
-                }],
-            };
-            (
-                auth,
-                Some(DevTokens {
-                    token_key: secret_hex,
-                }),
+            Some(
+                toml::from_str(&text)
+                    .with_context(|| format!("invalid auth config {}", path.display()))?,
             )
         }
+        None => None,
     };
-    let verifier = TokenVerifier::new(&auth).context("invalid account-token configuration")?;
-
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    let addr = listener
+    let frontend = listener
         .local_addr()
         .context("cannot read the listening address")?;
-    let url = format!("http://{addr}");
-
-    let client = ClientConfig {
-        url: url.clone(),
-        fleet_key: fleet_key.clone(),
-        audience: auth.audience.clone(),
-        tenant: "default".into(),
-        ksf: KsfParams::RECOMMENDED,
-        dev,
+    let node_addrs: Vec<SocketAddr> = if args.listen.port() == 0 {
+        free_ports(frontend.ip(), n)?
+            .into_iter()
+            .map(|p| SocketAddr::new(frontend.ip(), p))
+            .collect()
+    } else {
+        (1..=n as u16)
+            .map(|i| SocketAddr::new(frontend.ip(), frontend.port().saturating_add(i)))
+            .collect()
     };
-    let client_path = args.dir.join("client.toml");
-    let header = "# Written by `bkv up`. Pins this dev vault's fleet key; [dev] lets the CLI act as any user.\n";
-    write_private(&client_path, &format!("{header}{}", client.to_toml()))?;
+    let files = write_fleet(
+        &args.dir,
+        n,
+        frontend,
+        &node_addrs,
+        args.max_attempts,
+        args.login_deadline,
+        auth,
+    )?;
 
-    let service = VaultService::new(Arc::new(Mutex::new(hsm)), Arc::new(verifier));
+    let logs = args.dir.join("logs");
+    std::fs::create_dir_all(&logs).with_context(|| format!("cannot create {}", logs.display()))?;
+    let exe = std::env::current_exe().context("cannot find the bkv binary")?;
+    let mut nodes = Nodes(Vec::new());
+    let mut listing = Vec::new();
+    for (dc, config, addr) in &files.nodes {
+        let log_path = logs.join(format!("{dc}.log"));
+        let log = std::fs::File::create(&log_path)
+            .with_context(|| format!("cannot create {}", log_path.display()))?;
+        let child = Command::new(&exe)
+            .args(["node", "--exit-with-parent", "--config"])
+            .arg(config)
+            .stdin(Stdio::piped())
+            .stdout(log.try_clone().context("log file")?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("cannot start the node for {dc}"))?;
+        listing.push(serde_json::json!({
+            "dc": dc,
+            "pid": child.id(),
+            "url": format!("http://{addr}"),
+            "config": config,
+            "log": log_path,
+        }));
+        nodes.0.push(child);
+    }
+    let nodes_json = args.dir.join("nodes.json");
+    std::fs::write(
+        &nodes_json,
+        serde_json::to_vec_pretty(&listing).context("nodes.json")?,
+    )
+    .with_context(|| format!("cannot write {}", nodes_json.display()))?;
+
+    let frontend_config =
+        bkv_frontend::FrontendConfig::load(&files.frontend).map_err(anyhow::Error::msg)?;
+    let verifier = Arc::new(
+        TokenVerifier::new(&frontend_config.auth).context("invalid account-token configuration")?,
+    );
+    let router = Arc::new(
+        FleetRouter::new(
+            &frontend_config.node_pairs(),
+            verifier,
+            RouterConfig::default(),
+        )
+        .map_err(anyhow::Error::new)?,
+    );
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serve_router(listener, router.clone(), async move {
+        let _ = stop_rx.await;
+    }));
+
+    // Ready once a leader serves with every datacenter voting.
+    let started = Instant::now();
+    let fleet_key = loop {
+        let status = router.fleet_status().await;
+        let voters = status.members.iter().filter(|m| m.voter).count();
+        if status.majority && voters == n && !status.fleet_key.is_empty() {
+            break status.fleet_key;
+        }
+        if started.elapsed() > Duration::from_secs(120) {
+            return Err(anyhow::anyhow!(
+                "the fleet did not form within 120 s ({voters} of {n} voting); see {}",
+                logs.display()
+            )
+            .into());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let mut client = ClientConfig::load(&files.client)?;
+    client.fleet_key = fleet_key.clone();
+    write_client_config(&files.client, &client)?;
+
     tracing::warn!(%fleet_key, "software HSM: for development only");
     eprintln!("fleet key  {fleet_key}");
-    eprintln!("client     {}", client_path.display());
-    println!("ready {url}");
+    eprintln!(
+        "fleet      {n} datacenters, one node process each (see {})",
+        nodes_json.display()
+    );
+    eprintln!("client     {}", files.client.display());
+    println!("ready http://{frontend}");
     std::io::stdout().flush().ok();
 
-    bkv_frontend::serve(listener, service, shutdown_signal())
-        .await
-        .context("the vault server failed")?;
-    eprintln!("vault stopped; its enrollments are gone (the software HSM keeps nothing on disk)");
+    shutdown_signal().await;
+    let _ = stop_tx.send(());
+    let _ = server.await;
+    drop(nodes);
+    eprintln!("fleet stopped; its enrollments are gone (HSMs keep nothing on disk)");
     Ok(())
 }

@@ -4,8 +4,8 @@
 //! an outsider cannot spend a victim's guesses. A call's account comes from its token
 //! only, never from a message field.
 
-use bkv_core::account::AccountError;
-use bkv_core::AccountId;
+use crate::account::AccountError;
+use crate::AccountId;
 use jsonwebtoken::{decode, Algorithm, DecodingKey, Validation};
 use serde::{Deserialize, Serialize};
 

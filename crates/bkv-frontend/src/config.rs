@@ -1,0 +1,58 @@
+//! The frontend's configuration file (`frontend.toml`, written by `bkv fleet init`).
+
+use bkv_core::auth::AuthConfig;
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// One datacenter's node, as the frontend reaches it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeAddress {
+    /// Datacenter name.
+    pub dc: String,
+    /// gRPC URL of its node.
+    pub url: String,
+}
+
+/// The frontend's configuration.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FrontendConfig {
+    /// Client-facing address.
+    pub listen: SocketAddr,
+    /// The fleet's nodes.
+    pub nodes: Vec<NodeAddress>,
+    /// Account-token keys.
+    pub auth: AuthConfig,
+    /// A client config to pin the fleet key into once the fleet is founded (dev setups),
+    /// relative to this file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_config: Option<PathBuf>,
+}
+
+impl FrontendConfig {
+    /// Reads a frontend config; relative paths are resolved against its directory.
+    pub fn load(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut config: FrontendConfig =
+            toml::from_str(&text).map_err(|e| format!("{}: {}", path.display(), e.message()))?;
+        if config.nodes.is_empty() {
+            return Err(format!("{}: lists no nodes", path.display()));
+        }
+        if let (Some(client), Some(dir)) = (&config.client_config, path.parent()) {
+            if client.is_relative() {
+                config.client_config = Some(dir.join(client));
+            }
+        }
+        Ok(config)
+    }
+
+    /// The nodes as (datacenter, URL) pairs.
+    pub fn node_pairs(&self) -> Vec<(String, String)> {
+        self.nodes
+            .iter()
+            .map(|n| (n.dc.clone(), n.url.clone()))
+            .collect()
+    }
+}

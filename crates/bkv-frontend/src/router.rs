@@ -1,0 +1,318 @@
+//! Routes every vault call to the fleet's leader: finds it, follows "not the leader"
+//! hints, retries across members with backoff until a deadline, and answers
+//! "unavailable" when no majority serves. It never answers success on its own: every
+//! success is a leader's answer after its commit.
+
+use bkv_core::auth::{AuthError, TokenVerifier};
+use bkv_core::v1::{
+    self, admin_client::AdminClient, vault_client::VaultClient, vault_server::Vault, Reason,
+};
+use bkv_core::{error_status, MAX_MESSAGE_BYTES};
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tonic::metadata::MetadataValue;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request, Response, Status};
+
+/// One datacenter's node as the frontend reaches it.
+#[derive(Clone)]
+struct Node {
+    dc: String,
+    url: String,
+    vault: VaultClient<Channel>,
+    admin: AdminClient<Channel>,
+}
+
+/// Routing policy.
+#[derive(Clone, Copy, Debug)]
+pub struct RouterConfig {
+    /// How long a call may keep looking for a serving leader.
+    pub deadline: Duration,
+    /// First pause between attempts; doubles up to `max_backoff`.
+    pub initial_backoff: Duration,
+    /// Longest pause between attempts.
+    pub max_backoff: Duration,
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        Self {
+            deadline: Duration::from_secs(10),
+            initial_backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_millis(800),
+        }
+    }
+}
+
+/// The client-facing vault: checks account tokens and forwards to the leader.
+pub struct FleetRouter {
+    nodes: Vec<Node>,
+    leader: AtomicUsize,
+    verifier: Arc<TokenVerifier>,
+    config: RouterConfig,
+}
+
+fn auth_status(error: AuthError) -> Status {
+    error_status(
+        Code::Unauthenticated,
+        Reason::Unauthenticated,
+        0,
+        error.to_string(),
+    )
+}
+
+/// Why a router could not be built.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid node address {url}: {source}")]
+pub struct RouterError {
+    url: String,
+    source: tonic::transport::Error,
+}
+
+impl FleetRouter {
+    /// A router over `nodes` (datacenter, URL), checking tokens with `verifier`.
+    pub fn new(
+        nodes: &[(String, String)],
+        verifier: Arc<TokenVerifier>,
+        config: RouterConfig,
+    ) -> Result<Self, RouterError> {
+        let nodes = nodes
+            .iter()
+            .map(|(dc, url)| {
+                let channel = Endpoint::from_shared(url.clone())
+                    .map_err(|source| RouterError {
+                        url: url.clone(),
+                        source,
+                    })?
+                    .connect_timeout(Duration::from_millis(500))
+                    .timeout(Duration::from_secs(10))
+                    .connect_lazy();
+                Ok(Node {
+                    dc: dc.clone(),
+                    url: url.clone(),
+                    vault: VaultClient::new(channel.clone())
+                        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                        .max_encoding_message_size(MAX_MESSAGE_BYTES),
+                    admin: AdminClient::new(channel),
+                })
+            })
+            .collect::<Result<_, RouterError>>()?;
+        Ok(Self {
+            nodes,
+            leader: AtomicUsize::new(0),
+            verifier,
+            config,
+        })
+    }
+
+    fn authorization<T>(
+        &self,
+        request: &Request<T>,
+    ) -> Result<MetadataValue<tonic::metadata::Ascii>, Status> {
+        let value = request
+            .metadata()
+            .get("authorization")
+            .cloned()
+            .ok_or(AuthError::Missing)
+            .map_err(auth_status)?;
+        // Checked here to refuse early; each node checks it again.
+        let header = value
+            .to_str()
+            .map_err(|_| auth_status(AuthError::Malformed))?;
+        self.verifier
+            .verify_header(Some(header))
+            .map_err(auth_status)?;
+        Ok(value)
+    }
+
+    fn index_of(&self, dc: &str) -> Option<usize> {
+        self.nodes.iter().position(|n| n.dc == dc)
+    }
+
+    /// Sends `body` to the leader, following hints and retrying until the deadline.
+    async fn forward<Req, Resp, F, Fut>(
+        &self,
+        request: Request<Req>,
+        call: F,
+    ) -> Result<Response<Resp>, Status>
+    where
+        Req: Clone,
+        F: Fn(VaultClient<Channel>, Request<Req>) -> Fut,
+        Fut: Future<Output = Result<Response<Resp>, Status>>,
+    {
+        let authorization = self.authorization(&request)?;
+        let body = request.into_inner();
+        let started = Instant::now();
+        let mut backoff = self.config.initial_backoff;
+        let mut target = self.leader.load(Ordering::Relaxed) % self.nodes.len();
+        loop {
+            let mut attempt = Request::new(body.clone());
+            attempt
+                .metadata_mut()
+                .insert("authorization", authorization.clone());
+            let node = &self.nodes[target];
+            let status = match call(node.vault.clone(), attempt).await {
+                Ok(response) => {
+                    self.leader.store(target, Ordering::Relaxed);
+                    return Ok(response);
+                }
+                Err(status) => status,
+            };
+            let detail = bkv_core::error_detail(&status);
+            let reason = detail
+                .as_ref()
+                .and_then(|d| Reason::try_from(d.reason).ok());
+            let next = match (reason, &detail) {
+                (Some(Reason::NotLeader), Some(d)) if !d.leader_dc.is_empty() => {
+                    self.index_of(&d.leader_dc).filter(|i| *i != target)
+                }
+                (Some(Reason::NotLeader | Reason::Unavailable), _) => None,
+                // No detail: the node could not be reached at all.
+                (None, _)
+                    if matches!(
+                        status.code(),
+                        Code::Unavailable
+                            | Code::Unknown
+                            | Code::Cancelled
+                            | Code::DeadlineExceeded
+                    ) =>
+                {
+                    None
+                }
+                // Any other answer is the vault's real answer.
+                _ => return Err(status),
+            };
+            tracing::debug!(dc = %node.dc, error = %status.message(), "retrying at another member");
+            if started.elapsed() >= self.config.deadline {
+                return Err(error_status(
+                    Code::Unavailable,
+                    Reason::Unavailable,
+                    0,
+                    "no majority of the fleet is reachable; nothing was changed by this call",
+                ));
+            }
+            match next {
+                Some(hinted) => target = hinted,
+                None => {
+                    target = (target + 1) % self.nodes.len();
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(self.config.max_backoff);
+                }
+            }
+        }
+    }
+
+    /// Every node's report, and the fleet's health as the leader's membership defines it.
+    pub async fn fleet_status(&self) -> v1::FleetStatusResponse {
+        let reports = futures::future::join_all(self.nodes.iter().map(|node| async move {
+            let mut admin = node.admin.clone();
+            let answer = tokio::time::timeout(
+                Duration::from_secs(2),
+                admin.node_status(v1::NodeStatusRequest {}),
+            )
+            .await;
+            let (status, error) = match answer {
+                Ok(Ok(status)) => (Some(status.into_inner()), String::new()),
+                Ok(Err(e)) => (None, e.message().to_string()),
+                Err(_) => (None, "no answer within 2 s".to_string()),
+            };
+            v1::NodeHealth {
+                dc: node.dc.clone(),
+                url: node.url.clone(),
+                reachable: status.is_some(),
+                status,
+                error,
+            }
+        }))
+        .await;
+        let leader = reports
+            .iter()
+            .filter_map(|r| r.status.as_ref())
+            .filter(|s| s.role == "leader")
+            .max_by_key(|s| s.term)
+            .cloned();
+        let mut response = v1::FleetStatusResponse {
+            nodes: reports,
+            ..Default::default()
+        };
+        if let Some(leader) = leader {
+            let voters: Vec<&v1::MemberInfo> = leader.members.iter().filter(|m| m.voter).collect();
+            let live_voters = voters
+                .iter()
+                .filter(|m| {
+                    response
+                        .nodes
+                        .iter()
+                        .any(|n| n.status.as_ref().is_some_and(|s| s.node_id == m.node_id))
+                })
+                .count();
+            response.majority = !voters.is_empty() && live_voters > voters.len() / 2;
+            response.leader_dc = leader.dc.clone();
+            response.term = leader.term;
+            response.commit_index = leader.applied_index;
+            response.fleet_key = leader.fleet_key.clone();
+            response.members = leader.members.clone();
+        }
+        response
+    }
+}
+
+#[tonic::async_trait]
+impl Vault for FleetRouter {
+    async fn enroll_start(
+        &self,
+        request: Request<v1::EnrollStartRequest>,
+    ) -> Result<Response<v1::EnrollStartResponse>, Status> {
+        self.forward(request, |mut c, r| async move { c.enroll_start(r).await })
+            .await
+    }
+
+    async fn enroll_finish(
+        &self,
+        request: Request<v1::EnrollFinishRequest>,
+    ) -> Result<Response<v1::EnrollFinishResponse>, Status> {
+        self.forward(request, |mut c, r| async move { c.enroll_finish(r).await })
+            .await
+    }
+
+    async fn recover_start(
+        &self,
+        request: Request<v1::RecoverStartRequest>,
+    ) -> Result<Response<v1::RecoverStartResponse>, Status> {
+        self.forward(request, |mut c, r| async move { c.recover_start(r).await })
+            .await
+    }
+
+    async fn recover_finish(
+        &self,
+        request: Request<v1::RecoverFinishRequest>,
+    ) -> Result<Response<v1::RecoverFinishResponse>, Status> {
+        self.forward(request, |mut c, r| async move { c.recover_finish(r).await })
+            .await
+    }
+
+    async fn recover_abort(
+        &self,
+        request: Request<v1::RecoverAbortRequest>,
+    ) -> Result<Response<v1::RecoverAbortResponse>, Status> {
+        self.forward(request, |mut c, r| async move { c.recover_abort(r).await })
+            .await
+    }
+
+    async fn status(
+        &self,
+        request: Request<v1::StatusRequest>,
+    ) -> Result<Response<v1::StatusResponse>, Status> {
+        self.forward(request, |mut c, r| async move { c.status(r).await })
+            .await
+    }
+
+    async fn fleet_status(
+        &self,
+        _request: Request<v1::FleetStatusRequest>,
+    ) -> Result<Response<v1::FleetStatusResponse>, Status> {
+        Ok(Response::new(self.fleet_status().await))
+    }
+}

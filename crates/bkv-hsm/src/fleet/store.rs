@@ -1,0 +1,251 @@
+//! Raft's log and state machine, kept in HSM memory only. Nothing here touches a disk:
+//! a restarted HSM is a new member that is caught up by its peers (DESIGN.md §4).
+
+use super::{MemberNode, Shared, TypeConfig};
+use crate::fleet::state::{FleetOutcome, FleetState};
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
+use openraft::{
+    Entry, EntryPayload, LogId, OptionalSend, RaftLogReader, RaftSnapshotBuilder, SnapshotMeta,
+    StorageError, StorageIOError, StoredMembership, Vote,
+};
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::io::Cursor;
+use std::ops::RangeBounds;
+use std::sync::{Arc, Mutex};
+
+type NodeId = u64;
+
+#[derive(Default)]
+struct LogData {
+    vote: Option<Vote<NodeId>>,
+    committed: Option<LogId<NodeId>>,
+    last_purged: Option<LogId<NodeId>>,
+    log: BTreeMap<u64, Entry<TypeConfig>>,
+}
+
+/// The Raft log, in memory.
+#[derive(Clone, Default)]
+pub(crate) struct LogStore {
+    inner: Arc<Mutex<LogData>>,
+}
+
+impl LogStore {
+    fn lock(&self) -> std::sync::MutexGuard<'_, LogData> {
+        self.inner.lock().expect("log lock")
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry<TypeConfig>>, StorageError<NodeId>> {
+        Ok(self
+            .lock()
+            .log
+            .range(range)
+            .map(|(_, e)| e.clone())
+            .collect())
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError<NodeId>> {
+        let data = self.lock();
+        let last = data
+            .log
+            .values()
+            .next_back()
+            .map(|e| e.log_id)
+            .or(data.last_purged);
+        Ok(LogState {
+            last_purged_log_id: data.last_purged,
+            last_log_id: last,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError<NodeId>> {
+        self.lock().vote = Some(*vote);
+        Ok(())
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError<NodeId>> {
+        Ok(self.lock().vote)
+    }
+
+    async fn save_committed(
+        &mut self,
+        committed: Option<LogId<NodeId>>,
+    ) -> Result<(), StorageError<NodeId>> {
+        self.lock().committed = committed;
+        Ok(())
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, StorageError<NodeId>> {
+        Ok(self.lock().committed)
+    }
+
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError<NodeId>>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        {
+            let mut data = self.lock();
+            for entry in entries {
+                data.log.insert(entry.log_id.index, entry);
+            }
+        }
+        // Memory is this store's durable medium: the entry is "flushed" once inserted.
+        callback.log_io_completed(Ok(()));
+        Ok(())
+    }
+
+    async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
+        self.lock().log.split_off(&log_id.index);
+        Ok(())
+    }
+
+    async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
+        let mut data = self.lock();
+        let keep = data.log.split_off(&(log_id.index + 1));
+        data.log = keep;
+        data.last_purged = Some(log_id);
+        Ok(())
+    }
+}
+
+/// What the state machine holds beside the fleet state.
+#[derive(Default)]
+pub(crate) struct MachineData {
+    pub(crate) state: FleetState,
+    pub(crate) last_applied: Option<LogId<NodeId>>,
+    pub(crate) last_membership: StoredMembership<NodeId, MemberNode>,
+    snapshot: Option<(SnapshotMeta<NodeId, MemberNode>, Vec<u8>)>,
+    snapshots_built: u64,
+}
+
+/// The state machine: applies committed entries to the [`FleetState`] in `Shared`.
+#[derive(Clone)]
+pub(crate) struct StateMachineStore {
+    shared: Arc<Shared>,
+}
+
+impl StateMachineStore {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
+        let mut machine = self.shared.machine();
+        let bytes = postcard::to_allocvec(&machine.state)
+            .map_err(|e| StorageIOError::read_state_machine(&e))?;
+        machine.snapshots_built += 1;
+        let snapshot_id = format!(
+            "{}-{}",
+            machine.last_applied.map(|l| l.index).unwrap_or(0),
+            machine.snapshots_built
+        );
+        let meta = SnapshotMeta {
+            last_log_id: machine.last_applied,
+            last_membership: machine.last_membership.clone(),
+            snapshot_id,
+        };
+        machine.snapshot = Some((meta.clone(), bytes.clone()));
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(bytes)),
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId<NodeId>>, StoredMembership<NodeId, MemberNode>), StorageError<NodeId>>
+    {
+        let machine = self.shared.machine();
+        Ok((machine.last_applied, machine.last_membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<FleetOutcome>, StorageError<NodeId>>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let outcomes = {
+            let mut machine = self.shared.machine();
+            entries
+                .into_iter()
+                .map(|entry| {
+                    machine.last_applied = Some(entry.log_id);
+                    match entry.payload {
+                        EntryPayload::Blank => FleetOutcome::None,
+                        EntryPayload::Normal(command) => machine.state.apply(&command),
+                        EntryPayload::Membership(membership) => {
+                            machine.last_membership =
+                                StoredMembership::new(Some(entry.log_id), membership);
+                            FleetOutcome::None
+                        }
+                    }
+                })
+                .collect()
+        };
+        self.shared.after_state_change();
+        Ok(outcomes)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(
+        &mut self,
+    ) -> Result<Box<Cursor<Vec<u8>>>, StorageError<NodeId>> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, MemberNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError<NodeId>> {
+        let bytes = snapshot.into_inner();
+        let state: FleetState = postcard::from_bytes(&bytes)
+            .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
+        {
+            let mut machine = self.shared.machine();
+            machine.state = state;
+            machine.last_applied = meta.last_log_id;
+            machine.last_membership = meta.last_membership.clone();
+            machine.snapshot = Some((meta.clone(), bytes));
+        }
+        self.shared.after_state_change();
+        Ok(())
+    }
+
+    async fn get_current_snapshot(
+        &mut self,
+    ) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
+        let machine = self.shared.machine();
+        Ok(machine.snapshot.as_ref().map(|(meta, bytes)| Snapshot {
+            meta: meta.clone(),
+            snapshot: Box::new(Cursor::new(bytes.clone())),
+        }))
+    }
+}

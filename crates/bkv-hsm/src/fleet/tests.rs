@@ -1,0 +1,786 @@
+//! Vault operations on a fleet of one, and fleets of several members in one process.
+
+use super::*;
+use crate::error::{HsmError, RecordStatus};
+use crate::pending::LoginId;
+use crate::platform::{SimulatedClock, SimulatedPlatform};
+use bkv_core::seal::{self, release_context, LABEL_BACKUP_KEY_WRAP, LABEL_KEY_RELEASE};
+use bkv_core::{AccountId, KsfParams, Suite};
+use opaque_ke::{
+    ClientLogin, ClientLoginFinishParameters, ClientRegistration,
+    ClientRegistrationFinishParameters, CredentialResponse, Identifiers, RegistrationResponse,
+};
+use rand_core::OsRng;
+
+const KSF: KsfParams = KsfParams {
+    memory_kib: 8,
+    iterations: 1,
+    parallelism: 1,
+};
+
+fn argon() -> argon2::Argon2<'static> {
+    argon2::Argon2::new(
+        argon2::Algorithm::Argon2id,
+        argon2::Version::V0x13,
+        argon2::Params::new(KSF.memory_kib, KSF.iterations, KSF.parallelism, None).unwrap(),
+    )
+}
+
+const CODE: [u8; 32] = [0xC0; 32];
+
+fn test_config() -> HsmConfig {
+    HsmConfig {
+        login_deadline_ms: 1_000,
+        max_pending_logins: 4,
+        heartbeat_ms: 50,
+        ..HsmConfig::default()
+    }
+}
+
+/// Connects the members of an in-process fleet by datacenter name.
+#[derive(Default)]
+struct LocalTransport {
+    members: Mutex<HashMap<String, Arc<FleetHsm>>>,
+}
+
+impl PeerTransport for LocalTransport {
+    fn call(&self, dc: &str, message: Vec<u8>) -> BoxFuture<'_, Result<Vec<u8>, TransportError>> {
+        let member = self.members.lock().unwrap().get(dc).cloned();
+        Box::pin(async move {
+            let member = member.ok_or_else(|| TransportError("down".into()))?;
+            member
+                .handle_peer(&message)
+                .await
+                .map_err(|e| TransportError(e.to_string()))
+        })
+    }
+}
+
+async fn member(
+    transport: &Arc<LocalTransport>,
+    seed: u64,
+    dc: &str,
+    code: [u8; 32],
+) -> (Arc<FleetHsm>, SimulatedClock) {
+    let (platform, clock) = SimulatedPlatform::new(seed, code);
+    let hsm = FleetHsm::start(Arc::new(platform), dc, test_config(), transport.clone())
+        .await
+        .unwrap();
+    transport
+        .members
+        .lock()
+        .unwrap()
+        .insert(dc.to_string(), hsm.clone());
+    (hsm, clock)
+}
+
+async fn hsm(max_attempts: u32) -> (Arc<FleetHsm>, SimulatedClock) {
+    let transport = Arc::new(LocalTransport::default());
+    let (hsm, clock) = member(&transport, 7, "dc1", CODE).await;
+    hsm.found(max_attempts).await.unwrap();
+    (hsm, clock)
+}
+
+fn account(user: &str) -> AccountId {
+    AccountId::new("test", user).unwrap()
+}
+
+const BACKUP_KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
+
+async fn enroll(hsm: &FleetHsm, who: &AccountId, pin: &[u8]) {
+    let start = ClientRegistration::<Suite>::start(&mut OsRng, pin).unwrap();
+    let started = hsm
+        .enroll_start(who, &start.message.serialize())
+        .await
+        .unwrap();
+    let response = RegistrationResponse::deserialize(&started.registration_response).unwrap();
+    let ksf = argon();
+    let finish = start
+        .state
+        .finish(
+            &mut OsRng,
+            pin,
+            response,
+            ClientRegistrationFinishParameters::new(Identifiers::default(), Some(&ksf)),
+        )
+        .unwrap();
+    assert_eq!(
+        finish.server_s_pk.serialize().as_slice(),
+        &hsm.fleet_key().unwrap()
+    );
+    let wrapped = seal::seal(
+        &mut OsRng,
+        LABEL_BACKUP_KEY_WRAP,
+        &finish.export_key,
+        &who.credential_identifier(),
+        BACKUP_KEY,
+    );
+    let budget = hsm
+        .enroll_finish(who, &finish.message.serialize(), &wrapped, KSF)
+        .await
+        .unwrap();
+    assert_eq!(budget, hsm.record_status(who).await.unwrap().1);
+}
+
+/// A client that got KE2: either it has a KE3 (right PIN) or nothing (wrong PIN).
+struct Ke2Answer {
+    login_id: LoginId,
+    attempts_left: u32,
+    ke3: Option<(Vec<u8>, Vec<u8>, Vec<u8>)>, // (ke3, session key, export key)
+}
+
+async fn start_login(hsm: &FleetHsm, who: &AccountId, pin: &[u8]) -> Result<Ke2Answer, HsmError> {
+    let start = ClientLogin::<Suite>::start(&mut OsRng, pin).unwrap();
+    let started = hsm.recover_start(who, &start.message.serialize()).await?;
+    let ke2 = CredentialResponse::deserialize(&started.ke2).unwrap();
+    let ksf = argon();
+    let finished = start.state.finish(
+        &mut OsRng,
+        pin,
+        ke2,
+        ClientLoginFinishParameters::new(None, Identifiers::default(), Some(&ksf)),
+    );
+    Ok(Ke2Answer {
+        login_id: started.login_id,
+        attempts_left: started.attempts_left,
+        ke3: finished.ok().map(|f| {
+            (
+                f.message.serialize().to_vec(),
+                f.session_key.to_vec(),
+                f.export_key.to_vec(),
+            )
+        }),
+    })
+}
+
+async fn attempts(hsm: &FleetHsm, who: &AccountId) -> RecordStatus {
+    hsm.record_status(who).await.unwrap().0
+}
+
+#[tokio::test]
+async fn enroll_then_recover_releases_the_wrapped_key() {
+    let (hsm, _) = hsm(10).await;
+    let alice = account("alice");
+    enroll(&hsm, &alice, b"1234").await;
+    let answer = start_login(&hsm, &alice, b"1234").await.unwrap();
+    assert_eq!(answer.attempts_left, 9);
+    let (ke3, session, export) = answer.ke3.expect("right PIN opens KE2");
+    let released = hsm
+        .recover_finish(&alice, &answer.login_id, &ke3)
+        .await
+        .unwrap();
+    assert_eq!(released.attempts_left, 10);
+    let wrapped = seal::open(
+        LABEL_KEY_RELEASE,
+        &session,
+        &release_context(&answer.login_id, &alice),
+        &released.sealed_wrapped_key,
+    )
+    .unwrap();
+    let key = seal::open(
+        LABEL_BACKUP_KEY_WRAP,
+        &export,
+        &alice.credential_identifier(),
+        &wrapped,
+    )
+    .unwrap();
+    assert_eq!(&key[..], BACKUP_KEY);
+}
+
+#[tokio::test]
+async fn guess_is_committed_before_ke2_leaves() {
+    let (hsm, _) = hsm(10).await;
+    let alice = account("alice");
+    enroll(&hsm, &alice, b"1234").await;
+    // The client walks away after KE2: the guess is spent all the same.
+    let answer = start_login(&hsm, &alice, b"1234").await.unwrap();
+    assert!(answer.ke3.is_some());
+    assert_eq!(
+        attempts(&hsm, &alice).await,
+        RecordStatus::Active {
+            attempts_left: 9,
+            max_attempts: 10
+        }
+    );
+}
+
+#[tokio::test]
+async fn wrong_pins_count_down_to_destruction() {
+    let (hsm, _) = hsm(3).await;
+    let alice = account("alice");
+    enroll(&hsm, &alice, b"1234").await;
+    for expected in [2, 1, 0] {
+        let answer = start_login(&hsm, &alice, b"0000").await.unwrap();
+        assert!(answer.ke3.is_none(), "a wrong PIN cannot open KE2");
+        assert_eq!(answer.attempts_left, expected);
+        let destroyed = hsm.recover_abort(&alice, &answer.login_id).await.unwrap();
+        assert_eq!(destroyed, expected == 0);
+    }
+    assert_eq!(attempts(&hsm, &alice).await, RecordStatus::Destroyed);
+    // Even the right PIN gets nothing now.
+    assert_eq!(
+        start_login(&hsm, &alice, b"1234").await.err(),
+        Some(HsmError::Destroyed)
+    );
+}
+
+#[tokio::test]
+async fn exhausted_record_is_destroyed_by_the_next_attempt_even_without_abort() {
+    let (hsm, clock) = hsm(1).await;
+    let alice = account("alice");
+    enroll(&hsm, &alice, b"1234").await;
+    let answer = start_login(&hsm, &alice, b"0000").await.unwrap();
+    assert_eq!(answer.attempts_left, 0);
+    // Another attempt while the last login is in flight destroys the record.
+    assert_eq!(
+        start_login(&hsm, &alice, b"1234").await.err(),
+        Some(HsmError::Destroyed)
+    );
+    clock.advance(2_000);
+    assert_eq!(attempts(&hsm, &alice).await, RecordStatus::Destroyed);
+}
+
+#[tokio::test]
+async fn exhausted_record_with_no_login_in_flight_is_destroyed_on_status() {
+    let (hsm, clock) = hsm(1).await;
+    let alice = account("alice");
+    enroll(&hsm, &alice, b"1234").await;
+    start_login(&hsm, &alice, b"0000").await.unwrap();
+    // While the login may still finish, the record stays.
+    assert_eq!(
+        attempts(&hsm, &alice).await,
+        RecordStatus::Active {
+            attempts_left: 0,
+            max_attempts: 1
+        }
+    );
+    clock.advance(1_001);
+    assert_eq!(attempts(&hsm, &alice).await, RecordStatus::Destroyed);
+}
+
+#[tokio::test]
+async fn right_pin_on_the_last_guess_restores_the_budget() {
+    let (hsm, _) = hsm(2).await;
+    let alice = account("alice");
+    enroll(&hsm, &alice, b"1234").await;
+    let wrong = start_login(&hsm, &alice, b"9999").await.unwrap();
+    hsm.recover_abort(&alice, &wrong.login_id).await.unwrap();
+    let answer = start_login(&hsm, &alice, b"1234").await.unwrap();
+    assert_eq!(answer.attempts_left, 0);
+    let (ke3, ..) = answer.ke3.unwrap();
+    assert_eq!(
+        hsm.recover_finish(&alice, &answer.login_id, &ke3)
+            .await
+            .unwrap()
+            .attempts_left,
+        2
+    );
+}
+
+#[tokio::test]
+async fn insider_replaying_ke3_gets_nothing() {
+    let (hsm, _) = hsm(10).await;
+    let alice = account("alice");
+    enroll(&hsm, &alice, b"1234").await;
+    let answer = start_login(&hsm, &alice, b"1234").await.unwrap();
+    let (ke3, ..) = answer.ke3.unwrap();
+    hsm.recover_finish(&alice, &answer.login_id, &ke3)
+        .await
+        .unwrap();
+    assert_eq!(
+        hsm.recover_finish(&alice, &answer.login_id, &ke3)
+            .await
+            .err(),
+        Some(HsmError::LoginUnknown)
+    );
+}
+
+#[tokio::test]
+async fn ke3_for_another_login_fails_and_the_guess_stays_spent() {
+    let (hsm, _) = hsm(10).await;
+    let alice = account("alice");
+    enroll(&hsm, &alice, b"1234").await;
+    let first = start_login(&hsm, &alice, b"1234").await.unwrap();
+    let second = start_login(&hsm, &alice, b"1234").await.unwrap();
+    let (ke3_first, ..) = first.ke3.unwrap();
+    assert_eq!(
+        hsm.recover_finish(&alice, &second.login_id, &ke3_first)
+            .await
+            .err(),
+        Some(HsmError::LoginFailed { attempts_left: 8 })
+    );
+    assert_eq!(
+        attempts(&hsm, &alice).await,
+        RecordStatus::Active {
+            attempts_left: 8,
+            max_attempts: 10
+        }
+    );
+}
+
+#[tokio::test]
+async fn late_ke3_is_refused() {
+    let (hsm, clock) = hsm(10).await;
+    let alice = account("alice");
+    enroll(&hsm, &alice, b"1234").await;
+    let answer = start_login(&hsm, &alice, b"1234").await.unwrap();
+    clock.advance(1_001);
+    let (ke3, ..) = answer.ke3.unwrap();
+    assert_eq!(
+        hsm.recover_finish(&alice, &answer.login_id, &ke3)
+            .await
+            .err(),
+        Some(HsmError::LoginUnknown)
+    );
+    assert_eq!(
+        attempts(&hsm, &alice).await,
+        RecordStatus::Active {
+            attempts_left: 9,
+            max_attempts: 10
+        }
+    );
+}
+
+#[tokio::test]
+async fn a_swapped_account_cannot_finish_or_abort_anothers_login() {
+    let (hsm, _) = hsm(10).await;
+    let (alice, bob) = (account("alice"), account("bob"));
+    enroll(&hsm, &alice, b"1234").await;
+    enroll(&hsm, &bob, b"1234").await;
+    let answer = start_login(&hsm, &alice, b"1234").await.unwrap();
+    let (ke3, ..) = answer.ke3.unwrap();
+    assert_eq!(
+        hsm.recover_finish(&bob, &answer.login_id, &ke3).await.err(),
+        Some(HsmError::LoginUnknown)
+    );
+    assert_eq!(
+        hsm.recover_abort(&bob, &answer.login_id).await.err(),
+        Some(HsmError::LoginUnknown)
+    );
+    // Alice's login is untouched by the attempt.
+    assert!(hsm
+        .recover_finish(&alice, &answer.login_id, &ke3)
+        .await
+        .is_ok());
+}
+
+#[tokio::test]
+async fn same_pin_for_two_accounts_gives_unrelated_records() {
+    let (hsm, _) = hsm(10).await;
+    let (alice, bob) = (account("alice"), account("bob"));
+    enroll(&hsm, &alice, b"1234").await;
+    // Bob never enrolled: alice's PIN does not reach her record through his account.
+    assert_eq!(
+        start_login(&hsm, &bob, b"1234").await.err(),
+        Some(HsmError::NotEnrolled)
+    );
+    assert_eq!(
+        attempts(&hsm, &alice).await,
+        RecordStatus::Active {
+            attempts_left: 10,
+            max_attempts: 10
+        }
+    );
+}
+
+#[tokio::test]
+async fn malformed_messages_change_nothing() {
+    let (hsm, _) = hsm(10).await;
+    let alice = account("alice");
+    enroll(&hsm, &alice, b"1234").await;
+    for bad in [&[][..], &[0u8; 95][..], &[0xFF; 96][..], &[0u8; 4096][..]] {
+        assert!(matches!(
+            hsm.recover_start(&alice, bad).await,
+            Err(HsmError::Malformed(_))
+        ));
+        assert!(matches!(
+            hsm.enroll_start(&alice, bad).await,
+            Err(HsmError::Malformed(_))
+        ));
+        assert!(matches!(
+            hsm.enroll_finish(&alice, bad, b"k", KSF).await,
+            Err(HsmError::Malformed(_))
+        ));
+    }
+    let answer = start_login(&hsm, &alice, b"1234").await.unwrap();
+    assert!(matches!(
+        hsm.recover_finish(&alice, &[1, 2, 3], &[0; 64]).await,
+        Err(HsmError::Malformed(_))
+    ));
+    assert!(matches!(
+        hsm.recover_finish(&alice, &answer.login_id, &[0; 10]).await,
+        Err(HsmError::Malformed(_))
+    ));
+    // The login survived the malformed finish and still works.
+    let (ke3, ..) = answer.ke3.unwrap();
+    assert!(hsm
+        .recover_finish(&alice, &answer.login_id, &ke3)
+        .await
+        .is_ok());
+    assert_eq!(
+        attempts(&hsm, &alice).await,
+        RecordStatus::Active {
+            attempts_left: 10,
+            max_attempts: 10
+        }
+    );
+}
+
+#[tokio::test]
+async fn oversized_wrapped_key_is_refused() {
+    let (hsm, _) = hsm(10).await;
+    let alice = account("alice");
+    let start = ClientRegistration::<Suite>::start(&mut OsRng, b"1234").unwrap();
+    let started = hsm
+        .enroll_start(&alice, &start.message.serialize())
+        .await
+        .unwrap();
+    let ksf = argon();
+    let finish = start
+        .state
+        .finish(
+            &mut OsRng,
+            b"1234",
+            RegistrationResponse::deserialize(&started.registration_response).unwrap(),
+            ClientRegistrationFinishParameters::new(Identifiers::default(), Some(&ksf)),
+        )
+        .unwrap();
+    let upload = finish.message.serialize();
+    assert!(matches!(
+        hsm.enroll_finish(
+            &alice,
+            &upload,
+            &vec![0; vault::MAX_WRAPPED_KEY_LEN + 1],
+            KSF
+        )
+        .await,
+        Err(HsmError::Malformed(_))
+    ));
+    assert_eq!(attempts(&hsm, &alice).await, RecordStatus::NotEnrolled);
+}
+
+#[tokio::test]
+async fn re_enrollment_restores_budget_and_cancels_old_logins() {
+    let (hsm, _) = hsm(10).await;
+    let alice = account("alice");
+    enroll(&hsm, &alice, b"1234").await;
+    let old = start_login(&hsm, &alice, b"1234").await.unwrap();
+    start_login(&hsm, &alice, b"0000").await.unwrap();
+    enroll(&hsm, &alice, b"5678").await;
+    assert_eq!(
+        attempts(&hsm, &alice).await,
+        RecordStatus::Active {
+            attempts_left: 10,
+            max_attempts: 10
+        }
+    );
+    let (ke3, ..) = old.ke3.unwrap();
+    assert_eq!(
+        hsm.recover_finish(&alice, &old.login_id, &ke3).await.err(),
+        Some(HsmError::LoginUnknown)
+    );
+    assert!(start_login(&hsm, &alice, b"5678")
+        .await
+        .unwrap()
+        .ke3
+        .is_some());
+}
+
+#[tokio::test]
+async fn full_login_table_spends_no_guess() {
+    let (hsm, clock) = hsm(10).await;
+    let alice = account("alice");
+    enroll(&hsm, &alice, b"1234").await;
+    for _ in 0..4 {
+        start_login(&hsm, &alice, b"1234").await.unwrap();
+    }
+    assert_eq!(
+        start_login(&hsm, &alice, b"1234").await.err(),
+        Some(HsmError::Busy)
+    );
+    assert_eq!(
+        attempts(&hsm, &alice).await,
+        RecordStatus::Active {
+            attempts_left: 6,
+            max_attempts: 10
+        }
+    );
+    // Expired logins make room again.
+    clock.advance(1_001);
+    assert!(start_login(&hsm, &alice, b"1234").await.is_ok());
+}
+
+#[tokio::test]
+async fn debug_output_reveals_no_secret() {
+    let (hsm, _) = hsm(10).await;
+    let text = format!("{hsm:?}");
+    assert!(text.contains("(redacted)"));
+}
+
+// ---- fleets of several members ----
+
+async fn join(leader: &Arc<FleetHsm>, joiner: &Arc<FleetHsm>) -> Result<(), HsmError> {
+    let answer = leader.handle_join(&joiner.join_request()).await?;
+    joiner.accept_join_answer(&answer)
+}
+
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    for _ in 0..200 {
+        if check() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+struct TestFleet {
+    transport: Arc<LocalTransport>,
+    members: Vec<(Arc<FleetHsm>, SimulatedClock)>,
+}
+
+impl TestFleet {
+    async fn new(size: usize) -> TestFleet {
+        let transport = Arc::new(LocalTransport::default());
+        let mut members = vec![member(&transport, 100, "dc1", CODE).await];
+        members[0].0.found(10).await.unwrap();
+        for i in 2..=size {
+            let joiner = member(&transport, 100 + i as u64, &format!("dc{i}"), CODE).await;
+            join(&members[0].0, &joiner.0).await.unwrap();
+            let j = joiner.0.clone();
+            eventually("voter", || j.is_voter()).await;
+            members.push(joiner);
+        }
+        TestFleet { transport, members }
+    }
+
+    fn hsm(&self, dc: &str) -> Arc<FleetHsm> {
+        self.transport
+            .members
+            .lock()
+            .unwrap()
+            .get(dc)
+            .cloned()
+            .unwrap()
+    }
+
+    /// Cuts `dc` off the network and stops its Raft (a crash).
+    async fn crash(&self, dc: &str) {
+        let hsm = self.transport.members.lock().unwrap().remove(dc).unwrap();
+        hsm.shutdown().await;
+    }
+
+    async fn leader(&self) -> Arc<FleetHsm> {
+        let transport = self.transport.clone();
+        let mut found = None;
+        for _ in 0..200 {
+            let members: Vec<_> = transport
+                .members
+                .lock()
+                .unwrap()
+                .values()
+                .cloned()
+                .collect();
+            found = members
+                .into_iter()
+                .find(|m| m.status().role == "leader" && m.check_leader().is_ok());
+            if found.is_some() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        found.expect("a leader is elected")
+    }
+}
+
+#[tokio::test]
+async fn members_share_the_fleet_key_and_replicate_records() {
+    let fleet = TestFleet::new(3).await;
+    let key = fleet.hsm("dc1").fleet_key().unwrap();
+    for dc in ["dc2", "dc3"] {
+        assert_eq!(fleet.hsm(dc).fleet_key(), Some(key));
+    }
+    let alice = account("alice");
+    let leader = fleet.leader().await;
+    enroll(&leader, &alice, b"1234").await;
+    let followers = ["dc2", "dc3"];
+    for dc in followers {
+        let hsm = fleet.hsm(dc);
+        eventually("replicated record", || hsm.status().records == 1).await;
+    }
+    let status = fleet.hsm("dc2").status();
+    assert_eq!(status.members.iter().filter(|m| m.voter).count(), 3);
+}
+
+#[tokio::test]
+async fn followers_refuse_vault_calls_and_name_the_leader() {
+    let fleet = TestFleet::new(3).await;
+    let alice = account("alice");
+    let err = fleet.hsm("dc2").record_status(&alice).await.unwrap_err();
+    assert_eq!(
+        err,
+        HsmError::NotLeader {
+            leader_dc: Some("dc1".into())
+        }
+    );
+}
+
+#[tokio::test]
+async fn losing_the_leader_keeps_enrollments_and_spent_guesses() {
+    let fleet = TestFleet::new(3).await;
+    let alice = account("alice");
+    let leader = fleet.leader().await;
+    enroll(&leader, &alice, b"1234").await;
+    let wrong = start_login(&leader, &alice, b"0000").await.unwrap();
+    assert_eq!(wrong.attempts_left, 9);
+    fleet.crash(&leader.attestation().dc).await;
+    let new_leader = fleet.leader().await;
+    assert_ne!(
+        new_leader.attestation().node_id,
+        leader.attestation().node_id
+    );
+    assert_eq!(
+        attempts(&new_leader, &alice).await,
+        RecordStatus::Active {
+            attempts_left: 9,
+            max_attempts: 10
+        }
+    );
+    let answer = start_login(&new_leader, &alice, b"1234").await.unwrap();
+    assert_eq!(answer.attempts_left, 8);
+    let (ke3, ..) = answer.ke3.unwrap();
+    let released = new_leader
+        .recover_finish(&alice, &answer.login_id, &ke3)
+        .await
+        .unwrap();
+    assert_eq!(released.attempts_left, 10);
+}
+
+#[tokio::test]
+async fn leader_change_between_ke2_and_ke3_fails_cleanly_and_the_guess_stays_spent() {
+    let fleet = TestFleet::new(3).await;
+    let alice = account("alice");
+    let leader = fleet.leader().await;
+    enroll(&leader, &alice, b"1234").await;
+    let answer = start_login(&leader, &alice, b"1234").await.unwrap();
+    fleet.crash(&leader.attestation().dc).await;
+    let new_leader = fleet.leader().await;
+    let (ke3, ..) = answer.ke3.unwrap();
+    assert_eq!(
+        new_leader
+            .recover_finish(&alice, &answer.login_id, &ke3)
+            .await
+            .unwrap_err(),
+        HsmError::LoginUnknown
+    );
+    assert_eq!(
+        attempts(&new_leader, &alice).await,
+        RecordStatus::Active {
+            attempts_left: 9,
+            max_attempts: 10
+        }
+    );
+}
+
+#[tokio::test]
+async fn without_a_majority_nothing_is_committed_and_service_resumes_after() {
+    let fleet = TestFleet::new(3).await;
+    let alice = account("alice");
+    let leader = fleet.hsm("dc1");
+    enroll(&leader, &alice, b"1234").await;
+    // Cut both followers off the network (they keep running).
+    let cut: Vec<_> = ["dc2", "dc3"]
+        .iter()
+        .map(|dc| {
+            (
+                dc.to_string(),
+                fleet.transport.members.lock().unwrap().remove(*dc).unwrap(),
+            )
+        })
+        .collect();
+    tokio::time::sleep(std::time::Duration::from_millis(
+        test_config().quorum_freshness_ms + 300,
+    ))
+    .await;
+    assert!(matches!(
+        start_login(&leader, &alice, b"1234").await.err(),
+        Some(HsmError::Unavailable | HsmError::NotLeader { .. })
+    ));
+    for (dc, hsm) in cut {
+        fleet.transport.members.lock().unwrap().insert(dc, hsm);
+    }
+    let leader = fleet.leader().await;
+    assert_eq!(
+        attempts(&leader, &alice).await,
+        RecordStatus::Active {
+            attempts_left: 10,
+            max_attempts: 10
+        },
+        "the refused attempt spent nothing"
+    );
+    assert!(start_login(&leader, &alice, b"1234")
+        .await
+        .unwrap()
+        .ke3
+        .is_some());
+}
+
+#[tokio::test]
+async fn restarted_member_replaces_the_silent_one_in_its_slot() {
+    let fleet = TestFleet::new(3).await;
+    let alice = account("alice");
+    let leader = fleet.hsm("dc1");
+    enroll(&leader, &alice, b"1234").await;
+    let old = fleet.hsm("dc3").attestation().node_id;
+    fleet.crash("dc3").await;
+    // Too early: the leader heard from dc3 a moment ago.
+    let (early, _) = member(&fleet.transport, 999, "dc3", CODE).await;
+    assert!(matches!(
+        join(&leader, &early).await,
+        Err(HsmError::JoinRefused(_))
+    ));
+    fleet.members[0]
+        .1
+        .advance(test_config().member_silence_ms + 1);
+    join(&leader, &early).await.unwrap();
+    eventually("new member votes", || early.is_voter()).await;
+    eventually("old member removed", || {
+        leader.status().members.iter().all(|m| m.node_id != old)
+    })
+    .await;
+    assert_eq!(early.fleet_key(), leader.fleet_key());
+    eventually("caught up", || early.status().records == 1).await;
+}
+
+#[tokio::test]
+async fn a_live_slot_is_never_taken_over() {
+    let fleet = TestFleet::new(2).await;
+    let (impostor, _) = member(&Arc::new(LocalTransport::default()), 77, "dc2", CODE).await;
+    let err = join(&fleet.hsm("dc1"), &impostor).await.unwrap_err();
+    assert!(matches!(err, HsmError::JoinRefused(_)), "{err:?}");
+    assert!(impostor.fleet_key().is_none(), "no fleet secret reached it");
+}
+
+#[tokio::test]
+async fn member_running_other_code_is_refused() {
+    let fleet = TestFleet::new(1).await;
+    let (rogue, _) = member(&fleet.transport, 66, "dc2", [0xBA; 32]).await;
+    let err = join(&fleet.hsm("dc1"), &rogue).await.unwrap_err();
+    assert!(matches!(err, HsmError::JoinRefused(_)), "{err:?}");
+    assert!(rogue.fleet_key().is_none());
+    assert_eq!(fleet.hsm("dc1").status().members.len(), 1);
+}
+
+#[tokio::test]
+async fn a_second_fleet_founded_alongside_has_its_own_keys_and_no_records() {
+    let fleet = TestFleet::new(1).await;
+    let alice = account("alice");
+    enroll(&fleet.hsm("dc1"), &alice, b"1234").await;
+    let (fork, _) = member(&Arc::new(LocalTransport::default()), 500, "dc1", CODE).await;
+    fork.found(10).await.unwrap();
+    assert_ne!(fork.fleet_key(), fleet.hsm("dc1").fleet_key());
+    assert_eq!(
+        start_login(&fork, &alice, b"1234").await.err(),
+        Some(HsmError::NotEnrolled)
+    );
+}

@@ -1,0 +1,321 @@
+//! The vault operations of a fleet member: enrollment and recovery, with every guess
+//! committed by the fleet's majority before anything that lets it be tested leaves.
+
+use super::state::{FleetCommand, FleetOutcome};
+use super::FleetHsm;
+use crate::error::{EnrollStarted, HsmError, KeyReleased, RecordStatus, RecoverStarted};
+use crate::pending::{AwaitingKe3, LoginId};
+use crate::platform::PlatformRng;
+use crate::records::{Command, Enrollment, Outcome, RecordView};
+use bkv_core::seal::{self, release_context, LABEL_KEY_RELEASE};
+use bkv_core::{AccountId, KsfParams, Suite};
+use opaque_ke::{
+    CredentialFinalization, CredentialRequest, RegistrationRequest, RegistrationUpload,
+    ServerLogin, ServerLoginParameters, ServerRegistration,
+};
+use zeroize::Zeroizing;
+
+/// Largest wrapped backup key accepted (a 32-byte key sealed with nonce and tag is 72 bytes).
+pub const MAX_WRAPPED_KEY_LEN: usize = 256;
+
+impl FleetHsm {
+    async fn commit_record(&self, command: Command) -> Result<Outcome, HsmError> {
+        match self.commit(FleetCommand::Record(command)).await? {
+            FleetOutcome::Record(outcome) => Ok(outcome),
+            _ => Err(HsmError::NotReady),
+        }
+    }
+
+    fn max_attempts(&self) -> Result<u32, HsmError> {
+        let machine = self.shared.machine();
+        machine
+            .state
+            .genesis
+            .as_ref()
+            .map(|g| g.max_attempts)
+            .ok_or(HsmError::NotReady)
+    }
+
+    /// The current generation of `account`'s record, or why there is none.
+    fn generation(&self, account: &AccountId) -> Result<u64, HsmError> {
+        match self.shared.machine().state.table.get(account) {
+            RecordView::NotEnrolled => Err(HsmError::NotEnrolled),
+            RecordView::Destroyed => Err(HsmError::Destroyed),
+            RecordView::Active(record) => Ok(record.generation),
+        }
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, crate::pending::PendingLogins> {
+        self.pending.lock().expect("pending logins lock")
+    }
+
+    /// Enrollment step 1: evaluates the client's blinded PIN under this account's OPRF key.
+    pub async fn enroll_start(
+        &self,
+        account: &AccountId,
+        request: &[u8],
+    ) -> Result<EnrollStarted, HsmError> {
+        let request = RegistrationRequest::<Suite>::deserialize(request)
+            .map_err(|_| HsmError::Malformed("registration request"))?;
+        self.check_leader()?;
+        let secret = self.shared.secret.get().ok_or(HsmError::NotReady)?;
+        let started = ServerRegistration::<Suite>::start(
+            &secret.setup,
+            request,
+            &account.credential_identifier(),
+        )
+        .map_err(|_| HsmError::Malformed("registration request"))?;
+        Ok(EnrollStarted {
+            registration_response: started.message.serialize().to_vec(),
+            fleet_key: secret.fleet_key,
+        })
+    }
+
+    /// Enrollment step 2: commits the record with a full budget, replacing any earlier one.
+    pub async fn enroll_finish(
+        &self,
+        account: &AccountId,
+        upload: &[u8],
+        wrapped_key: &[u8],
+        ksf: KsfParams,
+    ) -> Result<u32, HsmError> {
+        let upload = RegistrationUpload::<Suite>::deserialize(upload)
+            .map_err(|_| HsmError::Malformed("registration upload"))?;
+        if wrapped_key.is_empty() || wrapped_key.len() > MAX_WRAPPED_KEY_LEN {
+            return Err(HsmError::Malformed("wrapped key"));
+        }
+        let ksf = ksf
+            .check()
+            .map_err(|_| HsmError::Malformed("Argon2id parameters"))?;
+        let registration = ServerRegistration::<Suite>::finish(upload);
+        let enrollment = Enrollment {
+            registration: Zeroizing::new(registration.serialize().to_vec()),
+            wrapped_key: Zeroizing::new(wrapped_key.to_vec()),
+            ksf,
+        };
+        let outcome = self
+            .commit_record(Command::Enroll {
+                account: account.clone(),
+                enrollment,
+                max_attempts: self.max_attempts()?,
+            })
+            .await?;
+        match outcome {
+            Outcome::Enrolled { attempts_left, .. } => {
+                // Logins against the replaced enrollment can no longer succeed.
+                self.pending().forget_account(account);
+                Ok(attempts_left)
+            }
+            _ => Err(HsmError::Conflict),
+        }
+    }
+
+    /// Recovery step 1: commits one spent guess through the fleet, then (and only then)
+    /// computes KE2.
+    pub async fn recover_start(
+        &self,
+        account: &AccountId,
+        ke1: &[u8],
+    ) -> Result<RecoverStarted, HsmError> {
+        let ke1 =
+            CredentialRequest::<Suite>::deserialize(ke1).map_err(|_| HsmError::Malformed("KE1"))?;
+        let secret = self.shared.secret.get().ok_or(HsmError::NotReady)?;
+        self.linearize().await?;
+        let now = self.shared.platform.now_millis();
+        if !self.pending().has_room(now) {
+            return Err(HsmError::Busy);
+        }
+        let generation = self.generation(account)?;
+        let attempts_left = match self
+            .commit_record(Command::SpendGuess {
+                account: account.clone(),
+                generation,
+            })
+            .await?
+        {
+            Outcome::GuessSpent { attempts_left } => attempts_left,
+            Outcome::Destroyed | Outcome::AlreadyDestroyed => {
+                tracing::info!(%account, "record destroyed: no guesses left");
+                self.pending().forget_account(account);
+                return Err(HsmError::Destroyed);
+            }
+            Outcome::NotEnrolled => return Err(HsmError::NotEnrolled),
+            _ => return Err(HsmError::Conflict),
+        };
+        // The guess is committed by a majority; from here on KE2 may leave.
+        let (password_file, ksf) = {
+            let machine = self.shared.machine();
+            let RecordView::Active(record) = machine.state.table.get(account) else {
+                return Err(HsmError::Conflict);
+            };
+            if record.generation != generation {
+                return Err(HsmError::Conflict);
+            }
+            let file = ServerRegistration::<Suite>::deserialize(&record.enrollment.registration)
+                .map_err(|_| HsmError::Malformed("stored registration"))?;
+            (file, record.enrollment.ksf)
+        };
+        let started = ServerLogin::start(
+            &mut PlatformRng(self.shared.platform.as_ref()),
+            &secret.setup,
+            Some(password_file),
+            ke1,
+            &account.credential_identifier(),
+            ServerLoginParameters::default(),
+        )
+        .map_err(|_| HsmError::Malformed("KE1"))?;
+        let deadline_ms = now + self.config.login_deadline_ms;
+        let login_id = self.pending().insert(
+            self.shared.platform.as_ref(),
+            AwaitingKe3 {
+                account: account.clone(),
+                generation,
+                deadline_ms,
+                server_login: started.state,
+            },
+        );
+        Ok(RecoverStarted {
+            ke2: started.message.serialize().to_vec(),
+            login_id,
+            attempts_left,
+            ksf,
+            fleet_key: secret.fleet_key,
+        })
+    }
+
+    /// Recovery step 2: checks KE3 once, commits the reset, then releases the wrapped key
+    /// sealed under the session key.
+    pub async fn recover_finish(
+        &self,
+        account: &AccountId,
+        login_id: &[u8],
+        ke3: &[u8],
+    ) -> Result<KeyReleased, HsmError> {
+        let login_id: LoginId = login_id
+            .try_into()
+            .map_err(|_| HsmError::Malformed("login id"))?;
+        let ke3 = CredentialFinalization::<Suite>::deserialize(ke3)
+            .map_err(|_| HsmError::Malformed("KE3"))?;
+        self.check_leader()?;
+        let now = self.shared.platform.now_millis();
+        let login = self
+            .pending()
+            .take(&login_id, account, now)
+            .ok_or(HsmError::LoginUnknown)?;
+        let session = match login
+            .server_login
+            .finish(ke3, ServerLoginParameters::default())
+        {
+            Ok(finished) => finished.session_key,
+            Err(_) => {
+                let attempts_left = self.destroy_if_exhausted(account, login.generation).await?;
+                return Err(HsmError::LoginFailed { attempts_left });
+            }
+        };
+        let attempts_left = match self
+            .commit_record(Command::ResetGuesses {
+                account: account.clone(),
+                generation: login.generation,
+            })
+            .await?
+        {
+            Outcome::GuessesReset { attempts_left } => attempts_left,
+            _ => return Err(HsmError::LoginUnknown),
+        };
+        let wrapped_key = {
+            let machine = self.shared.machine();
+            match machine.state.table.get(account) {
+                RecordView::Active(record) if record.generation == login.generation => {
+                    record.enrollment.wrapped_key.clone()
+                }
+                _ => return Err(HsmError::LoginUnknown),
+            }
+        };
+        let sealed_wrapped_key = seal::seal(
+            &mut PlatformRng(self.shared.platform.as_ref()),
+            LABEL_KEY_RELEASE,
+            &session,
+            &release_context(&login_id, account),
+            &wrapped_key,
+        );
+        Ok(KeyReleased {
+            sealed_wrapped_key,
+            attempts_left,
+        })
+    }
+
+    /// The client could not open KE2 (wrong PIN): drops the login, and destroys the record
+    /// at once if no guess is left. Returns whether the record is now destroyed.
+    pub async fn recover_abort(
+        &self,
+        account: &AccountId,
+        login_id: &[u8],
+    ) -> Result<bool, HsmError> {
+        let login_id: LoginId = login_id
+            .try_into()
+            .map_err(|_| HsmError::Malformed("login id"))?;
+        self.check_leader()?;
+        let now = self.shared.platform.now_millis();
+        let login = self
+            .pending()
+            .take(&login_id, account, now)
+            .ok_or(HsmError::LoginUnknown)?;
+        self.destroy_if_exhausted(account, login.generation).await?;
+        Ok(matches!(
+            self.shared.machine().state.table.get(account),
+            RecordView::Destroyed
+        ))
+    }
+
+    /// Public state of `account`'s record. A record with no guesses left and no login in
+    /// flight is destroyed here, as it can never be opened again.
+    pub async fn record_status(
+        &self,
+        account: &AccountId,
+    ) -> Result<(RecordStatus, u32), HsmError> {
+        self.linearize().await?;
+        let max = self.max_attempts()?;
+        let exhausted = match self.shared.machine().state.table.get(account) {
+            RecordView::Active(r) if r.attempts_left == 0 => Some(r.generation),
+            _ => None,
+        };
+        if let Some(generation) = exhausted {
+            let now = self.shared.platform.now_millis();
+            if !self.pending().in_flight(account, generation, now) {
+                self.destroy_if_exhausted(account, generation).await?;
+            }
+        }
+        let status = match self.shared.machine().state.table.get(account) {
+            RecordView::NotEnrolled => RecordStatus::NotEnrolled,
+            RecordView::Destroyed => RecordStatus::Destroyed,
+            RecordView::Active(record) => RecordStatus::Active {
+                attempts_left: record.attempts_left,
+                max_attempts: record.max_attempts,
+            },
+        };
+        Ok((status, max))
+    }
+
+    // Returns the guesses left afterwards (0 when destroyed or gone).
+    async fn destroy_if_exhausted(
+        &self,
+        account: &AccountId,
+        generation: u64,
+    ) -> Result<u32, HsmError> {
+        let left = match self.shared.machine().state.table.get(account) {
+            RecordView::Active(r) if r.generation == generation => r.attempts_left,
+            RecordView::Active(r) => return Ok(r.attempts_left),
+            _ => return Ok(0),
+        };
+        if left > 0 {
+            return Ok(left);
+        }
+        self.commit_record(Command::Destroy {
+            account: account.clone(),
+            generation,
+        })
+        .await?;
+        tracing::info!(%account, "record destroyed: no guesses left");
+        Ok(0)
+    }
+}
