@@ -102,6 +102,21 @@ impl VaultClient {
         })
     }
 
+    /// Interprets a refusal; one from a fleet other than the pinned one is a trust failure,
+    /// whatever it claims.
+    fn refused(&self, status: tonic::Status) -> ClientError {
+        if let Some(detail) = bkv_core::error_detail(&status) {
+            if !detail.fleet_key.is_empty() && detail.fleet_key != self.pinned {
+                return TrustError::FleetKeyMismatch {
+                    presented: hex::encode(&detail.fleet_key),
+                    pinned: hex::encode(self.pinned),
+                }
+                .into();
+            }
+        }
+        ClientError::from_status(status)
+    }
+
     fn account(&self, user: &str) -> Result<AccountId, ClientError> {
         AccountId::new(self.tenant.clone(), user).map_err(|e| ClientError::Config {
             path: "user".into(),
@@ -139,7 +154,7 @@ impl VaultClient {
                 },
             )?)
             .await
-            .map_err(ClientError::from_status)?
+            .map_err(|s| self.refused(s))?
             .into_inner();
         // Argon2id runs on a blocking thread: it takes tens of milliseconds and megabytes.
         let pinned = self.pinned;
@@ -168,7 +183,7 @@ impl VaultClient {
             .grpc
             .enroll_finish(self.request(user, finish)?)
             .await
-            .map_err(ClientError::from_status)?
+            .map_err(|s| self.refused(s))?
             .into_inner();
         Ok(done.attempts_left)
     }
@@ -181,7 +196,7 @@ impl VaultClient {
             .grpc
             .recover_start(self.request(user, v1::RecoverStartRequest { ke1 })?)
             .await
-            .map_err(ClientError::from_status)?
+            .map_err(|s| self.refused(s))?
             .into_inner();
         let ksf = answer
             .ksf
@@ -231,7 +246,7 @@ impl VaultClient {
             .grpc
             .recover_finish(self.request(user, finish)?)
             .await
-            .map_err(ClientError::from_status)?
+            .map_err(|s| self.refused(s))?
             .into_inner();
         let key = proven.open(&answer.login_id, &released.sealed_wrapped_key)?;
         Ok(Recovered {
@@ -247,7 +262,7 @@ impl VaultClient {
             .grpc
             .status(self.request(user, v1::StatusRequest {})?)
             .await
-            .map_err(ClientError::from_status)?
+            .map_err(|s| self.refused(s))?
             .into_inner();
         if answer.fleet_key != self.pinned {
             return Err(TrustError::FleetKeyMismatch {

@@ -39,6 +39,7 @@ pub fn error_status(
         reason: reason as i32,
         attempts_left,
         leader_dc: String::new(),
+        fleet_key: Vec::new(),
     };
     tonic::Status::with_details(code, message, detail.encode_to_vec().into())
 }
@@ -49,6 +50,7 @@ pub fn not_leader_status(leader_dc: Option<String>) -> tonic::Status {
         reason: v1::Reason::NotLeader as i32,
         attempts_left: 0,
         leader_dc: leader_dc.clone().unwrap_or_default(),
+        fleet_key: Vec::new(),
     };
     let message = match leader_dc {
         Some(dc) => format!("not the leader; the leader is in {dc}"),
@@ -57,6 +59,19 @@ pub fn not_leader_status(leader_dc: Option<String>) -> tonic::Status {
     tonic::Status::with_details(
         tonic::Code::Unavailable,
         message,
+        detail.encode_to_vec().into(),
+    )
+}
+
+/// Adds the answering fleet's key to a status's error detail.
+pub fn with_fleet_key(status: tonic::Status, fleet_key: &[u8]) -> tonic::Status {
+    let Some(mut detail) = error_detail(&status) else {
+        return status;
+    };
+    detail.fleet_key = fleet_key.to_vec();
+    tonic::Status::with_details(
+        status.code(),
+        status.message(),
         detail.encode_to_vec().into(),
     )
 }

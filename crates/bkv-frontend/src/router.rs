@@ -87,7 +87,8 @@ impl FleetRouter {
                         source,
                     })?
                     .connect_timeout(Duration::from_millis(500))
-                    .timeout(Duration::from_secs(10))
+                    // A paused member must not hold a call for the whole deadline.
+                    .timeout(Duration::from_secs(3))
                     .connect_lazy();
                 Ok(Node {
                     dc: dc.clone(),

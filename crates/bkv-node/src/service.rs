@@ -59,6 +59,15 @@ impl NodeVault {
         Self { hsm, verifier }
     }
 
+    /// Maps an HSM failure, naming this fleet's key so that clients can tell a foreign fleet.
+    fn fail(&self, error: HsmError) -> Status {
+        let status = hsm_status(error);
+        match self.hsm.fleet_key() {
+            Some(key) => bkv_core::with_fleet_key(status, &key),
+            None => status,
+        }
+    }
+
     fn account<T>(&self, request: &Request<T>) -> Result<AccountId, Status> {
         let header = request
             .metadata()
@@ -108,7 +117,7 @@ impl Vault for NodeVault {
             .hsm
             .enroll_start(&account, &body.registration_request)
             .await
-            .map_err(hsm_status)?;
+            .map_err(|e| self.fail(e))?;
         Ok(Response::new(v1::EnrollStartResponse {
             registration_response: started.registration_response,
             fleet_key: started.fleet_key.to_vec(),
@@ -126,7 +135,7 @@ impl Vault for NodeVault {
             .hsm
             .enroll_finish(&account, &body.registration_upload, &body.wrapped_key, ksf)
             .await
-            .map_err(hsm_status)?;
+            .map_err(|e| self.fail(e))?;
         tracing::info!(%account, "enrolled");
         Ok(Response::new(v1::EnrollFinishResponse { attempts_left }))
     }
@@ -141,7 +150,7 @@ impl Vault for NodeVault {
             .hsm
             .recover_start(&account, &body.ke1)
             .await
-            .map_err(hsm_status)?;
+            .map_err(|e| self.fail(e))?;
         tracing::info!(%account, attempts_left = started.attempts_left, "guess spent");
         Ok(Response::new(v1::RecoverStartResponse {
             ke2: started.ke2,
@@ -162,7 +171,7 @@ impl Vault for NodeVault {
             .hsm
             .recover_finish(&account, &body.login_id, &body.ke3)
             .await
-            .map_err(hsm_status)?;
+            .map_err(|e| self.fail(e))?;
         tracing::info!(%account, "key released");
         Ok(Response::new(v1::RecoverFinishResponse {
             sealed_wrapped_key: released.sealed_wrapped_key,
@@ -180,7 +189,7 @@ impl Vault for NodeVault {
             .hsm
             .recover_abort(&account, &body.login_id)
             .await
-            .map_err(hsm_status)?;
+            .map_err(|e| self.fail(e))?;
         Ok(Response::new(v1::RecoverAbortResponse { destroyed }))
     }
 
@@ -189,7 +198,11 @@ impl Vault for NodeVault {
         request: Request<v1::StatusRequest>,
     ) -> Result<Response<v1::StatusResponse>, Status> {
         let account = self.account(&request)?;
-        let (status, max) = self.hsm.record_status(&account).await.map_err(hsm_status)?;
+        let (status, max) = self
+            .hsm
+            .record_status(&account)
+            .await
+            .map_err(|e| self.fail(e))?;
         let (state, attempts_left, max_attempts) = match status {
             RecordStatus::NotEnrolled => (v1::RecordState::NotEnrolled, 0, max),
             RecordStatus::Destroyed => (v1::RecordState::Destroyed, 0, max),

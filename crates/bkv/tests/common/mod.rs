@@ -15,6 +15,8 @@ pub fn bkv_bin() -> &'static str {
 /// A running dev vault in its own temporary directory.
 pub struct Vault {
     child: Child,
+    /// Processes the test started itself (restarted nodes, second fleets).
+    pub extra: Vec<Child>,
     pub root: tempfile::TempDir,
     pub url: String,
     pub stderr: PathBuf,
@@ -57,6 +59,7 @@ impl Vault {
         };
         Vault {
             child,
+            extra: Vec::new(),
             root,
             url,
             stderr: stderr_path,
@@ -124,9 +127,132 @@ impl Vault {
 
 impl Drop for Vault {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        for child in self
+            .extra
+            .iter_mut()
+            .chain(std::iter::once(&mut self.child))
+        {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
+}
+
+/// One node as `bkv up` lists it in nodes.json.
+#[derive(Clone, Debug)]
+pub struct NodeEntry {
+    pub dc: String,
+    pub pid: u32,
+    pub url: String,
+    pub config: PathBuf,
+}
+
+impl Vault {
+    /// The fleet directory.
+    pub fn dir(&self) -> PathBuf {
+        self.root.path().join("vault-dev")
+    }
+
+    /// The nodes `bkv up` started.
+    pub fn nodes(&self) -> Vec<NodeEntry> {
+        let text = std::fs::read_to_string(self.dir().join("nodes.json")).unwrap();
+        let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+        value
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| NodeEntry {
+                dc: n["dc"].as_str().unwrap().to_string(),
+                pid: n["pid"].as_u64().unwrap() as u32,
+                url: n["url"].as_str().unwrap().to_string(),
+                config: PathBuf::from(n["config"].as_str().unwrap()),
+            })
+            .collect()
+    }
+
+    /// `bkv fleet status --json`, parsed (whatever the exit code).
+    pub fn fleet_status(&self) -> serde_json::Value {
+        let config = self.config();
+        let out = run(
+            &[
+                "fleet",
+                "status",
+                "--json",
+                "--config",
+                config.to_str().unwrap(),
+            ],
+            "",
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// Waits until the fleet reports a leader, a majority and `voters` healthy voters.
+    pub fn wait_for_fleet(&self, voters: usize) -> serde_json::Value {
+        for _ in 0..300 {
+            let status = self.fleet_status();
+            let healthy_voters = status["members"]
+                .as_array()
+                .map(|m| {
+                    m.iter()
+                        .filter(|m| m["voter"] == true && m["health"] == "healthy")
+                        .count()
+                })
+                .unwrap_or(0);
+            if status["majority"] == true
+                && healthy_voters == voters
+                && status["voters"] == voters as u64
+            {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        panic!(
+            "fleet did not reach {voters} healthy voters: {}",
+            self.fleet_status()
+        );
+    }
+
+    /// Datacenter of the current leader.
+    pub fn leader_dc(&self) -> String {
+        self.wait_for_fleet_leader()
+    }
+
+    fn wait_for_fleet_leader(&self) -> String {
+        for _ in 0..100 {
+            if let Some(dc) = self.fleet_status()["leader"].as_str() {
+                return dc.to_string();
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("no leader");
+    }
+
+    /// Starts `bkv node` again for `dc` (a restart: a new member with a fresh identity).
+    pub fn restart_node(&mut self, dc: &str) {
+        let node = self.nodes().into_iter().find(|n| n.dc == dc).unwrap();
+        let log =
+            std::fs::File::create(self.dir().join("logs").join(format!("{dc}-restarted.log")))
+                .unwrap();
+        let child = Command::new(bkv_bin())
+            .args(["node", "--config"])
+            .arg(&node.config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.extra.push(child);
+    }
+}
+
+/// Sends `signal` (e.g. "KILL", "STOP", "CONT") to `pid`.
+pub fn signal(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{signal} {pid}");
 }
 
 /// Runs `bkv` with `args`, feeding `stdin`.
