@@ -3,9 +3,11 @@
 //!
 //! The client trusts only the fleet key it pinned: it checks the vault's key before it
 //! finishes enrollment or recovery. Its secrets (backup key, PIN, OPAQUE outputs) are
-//! zeroized on drop and never logged. Not here: backup archives, bundles (later issues).
+//! zeroized on drop and never logged. It also makes and restores the end-to-end encrypted
+//! backup archives (`backup`). Not here: bundles (a later issue).
 #![forbid(unsafe_code)]
 
+pub mod backup;
 pub mod client;
 pub mod config;
 pub mod device;

@@ -94,7 +94,7 @@ pub fn free_ports(host: IpAddr, count: usize) -> anyhow::Result<Vec<u16>> {
 fn dev_auth(fleet_dir: &Path) -> (AuthConfig, DevTokens) {
     let mut secret = zeroize::Zeroizing::new([0u8; 32]);
     rand::rngs::OsRng.fill_bytes(secret.as_mut());
-    let secret_hex = hex::encode(secret.as_ref());
+    let secret_hex = hex::encode(&secret[..]);
     let mut tag = [0u8; 8];
     rand::rngs::OsRng.fill_bytes(&mut tag);
     let _ = fleet_dir;

@@ -13,7 +13,7 @@ const MAX_PIN_INPUT: u64 = 1024;
 
 /// Where the PIN comes from.
 #[derive(Args, Debug)]
-#[group(required = true, multiple = false)]
+#[group(required = false, multiple = false)]
 pub struct PinSource {
     /// Read the PIN from standard input (one line).
     #[arg(long)]
@@ -24,8 +24,19 @@ pub struct PinSource {
 }
 
 impl PinSource {
-    /// Reads and checks the PIN.
+    /// Whether a PIN source was given.
+    pub fn given(&self) -> bool {
+        self.pin_stdin || self.pin_file.is_some()
+    }
+
+    /// Reads and checks the PIN; a missing source is a usage error.
     pub fn read(&self) -> Result<Pin, Failure> {
+        if !self.given() {
+            return Err(Failure::new(
+                exit::USAGE,
+                anyhow::anyhow!("a PIN is needed: pass --pin-stdin or --pin-file FILE"),
+            ));
+        }
         let mut text = Zeroizing::new(String::new());
         if self.pin_stdin {
             std::io::stdin()

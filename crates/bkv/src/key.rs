@@ -49,6 +49,13 @@ pub enum KeyCommand {
         #[arg(long, value_name = "DIR")]
         device: PathBuf,
     },
+    /// Print the age identity (AGE-SECRET-KEY-1…) that decrypts this device's backups with
+    /// the standard `age -d -i` tool.
+    AgeIdentity {
+        /// The device directory that holds backup.key.
+        #[arg(long, value_name = "DIR")]
+        device: PathBuf,
+    },
     /// Turn a recovery code back into the device's backup key (no vault involved).
     Import {
         /// The 64-digit code; prefer --recovery-code-stdin, as arguments show in `ps`.
@@ -87,32 +94,40 @@ pub struct VaultArgs {
 
 impl VaultArgs {
     fn client(&self) -> Result<VaultClient, Failure> {
-        let config = ClientConfig::load(&self.config)?;
-        let tokens = if let Some(path) = &self.token_file {
-            let token = std::fs::read_to_string(path).with_context(|| {
-                format!("cannot read the account token from {}", path.display())
-            })?;
-            TokenSource::Given(Zeroizing::new(token.trim().to_string()))
-        } else if let Ok(token) = std::env::var("BKV_TOKEN") {
-            TokenSource::Given(Zeroizing::new(token))
-        } else {
-            TokenSource::from_config(&config)?.ok_or_else(|| {
-                Failure::new(
-                    exit::USAGE,
-                    anyhow::anyhow!("no account token: pass --token-file or set BKV_TOKEN (the config has no dev token key)"),
-                )
-            })?
-        };
-        Ok(VaultClient::new(&config, tokens)?)
+        vault_client(&self.config, self.token_file.as_deref())
     }
 }
 
-fn load_key(device: &Device) -> Result<Option<BackupKey>, Failure> {
+/// A client for the vault `config` names, with a token from `token_file`, `BKV_TOKEN`,
+/// or the config's dev key.
+pub fn vault_client(
+    config: &std::path::Path,
+    token_file: Option<&std::path::Path>,
+) -> Result<VaultClient, Failure> {
+    let config = ClientConfig::load(config)?;
+    let tokens = if let Some(path) = token_file {
+        let token = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the account token from {}", path.display()))?;
+        TokenSource::Given(Zeroizing::new(token.trim().to_string()))
+    } else if let Ok(token) = std::env::var("BKV_TOKEN") {
+        TokenSource::Given(Zeroizing::new(token))
+    } else {
+        TokenSource::from_config(&config)?.ok_or_else(|| {
+            Failure::new(
+                exit::USAGE,
+                anyhow::anyhow!("no account token: pass --token-file or set BKV_TOKEN (the config has no dev token key)"),
+            )
+        })?
+    };
+    Ok(VaultClient::new(&config, tokens)?)
+}
+
+pub fn load_key(device: &Device) -> Result<Option<BackupKey>, Failure> {
     Ok(device.load()?)
 }
 
 /// Writes `key` unless the device holds a different one and `force` is off.
-fn store_key(device: &Device, key: &BackupKey, force: bool) -> Result<(), Failure> {
+pub fn store_key(device: &Device, key: &BackupKey, force: bool) -> Result<(), Failure> {
     if let Some(existing) = load_key(device)? {
         if existing == *key {
             return Ok(());
@@ -208,6 +223,22 @@ pub async fn run(command: KeyCommand) -> Result<(), Failure> {
                 )
             })?;
             println!("{}", key.recovery_code().as_str());
+            Ok(())
+        }
+        KeyCommand::AgeIdentity { device } => {
+            let device = Device::new(device);
+            let key = load_key(&device)?.ok_or_else(|| {
+                Failure::new(
+                    exit::OTHER,
+                    anyhow::anyhow!("{} holds no backup key", device.key_path().display()),
+                )
+            })?;
+            let identity = bkv_client::backup::keys::age_identity_string(&key);
+            eprintln!(
+                "# recipient: {}",
+                bkv_client::backup::keys::age_identity(&key).to_public()
+            );
+            println!("{}", identity.as_str());
             Ok(())
         }
         KeyCommand::Import {

@@ -1,6 +1,8 @@
 //! `bkv`: run a development vault and use it as a device would.
 #![forbid(unsafe_code)]
 
+mod backup;
+mod bench;
 mod fleet;
 mod input;
 mod key;
@@ -17,8 +19,9 @@ Exit codes:
   1  any other failure (bad config, refused account token, protocol error)
   2  usage error (bad arguments, PIN of the wrong length, malformed recovery code)
   3  wrong PIN (stderr: \"wrong PIN: N attempts left\")
-  4  no key to recover (never enrolled, or destroyed after too many wrong PINs)
-  5  vault unreachable or unavailable
+  4  no key to recover (never enrolled, or destroyed after too many wrong PINs),
+     or no backup to restore
+  5  vault (or backup store) unreachable or unavailable
   6  trust failure (the vault's key is not the pinned fleet key)";
 
 /// Backup Key Vault: escrow a backup key behind a PIN in a fleet of HSMs.
@@ -49,6 +52,14 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config: std::path::PathBuf,
     },
+    /// Back up a directory, end-to-end encrypted, to a directory or S3 bucket
+    /// (or `backup list` the backups of a user).
+    Backup(backup::BackupArgs),
+    /// Restore the newest (or a chosen) backup into an empty or new directory.
+    Restore(backup::RestoreArgs),
+    /// Measure performance (prints numbers).
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
     /// Lay out a fleet's configuration, or report its health.
     #[command(subcommand)]
     Fleet(fleet::FleetCommand),
@@ -120,8 +131,20 @@ fn main() -> ExitCode {
             } => serve::node(config, exit_with_parent).await,
             Command::Frontend { config } => serve::frontend(config).await,
             Command::Fleet(command) => fleet::run(command).await,
+            Command::Backup(args) => backup::run_backup(args).await,
+            Command::Bench(command) => bench::run(command).await,
+            Command::Restore(args) => backup::run_restore(args).await,
         }
     });
+    if std::env::var_os("BKV_REPORT_PEAK_RSS").is_some() {
+        // Used by the memory tests and benchmarks: the process's own high-water mark.
+        if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
+            if let Some(line) = status.lines().find(|l| l.starts_with("VmHWM:")) {
+                let kib: String = line.chars().filter(|c| c.is_ascii_digit()).collect();
+                eprintln!("peak_rss_kib {kib}");
+            }
+        }
+    }
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => {

@@ -361,7 +361,7 @@ fn help_documents_the_exit_codes() {
         for line in [
             "3  wrong PIN",
             "4  no key to recover",
-            "5  vault unreachable",
+            "5  vault (or backup store) unreachable",
             "6  trust failure",
         ] {
             assert!(text.contains(line), "{args:?} help lacks {line:?}");
