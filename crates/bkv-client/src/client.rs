@@ -59,7 +59,8 @@ pub async fn fleet_status(config: &ClientConfig) -> Result<v1::FleetStatusRespon
         .map_err(ClientError::from_status)
 }
 
-/// A connection to one vault, trusting one pinned fleet key.
+/// A connection to one vault, trusting one pinned fleet key. Clones share the connection.
+#[derive(Clone)]
 pub struct VaultClient {
     grpc: Grpc<Channel>,
     pinned: [u8; 32],

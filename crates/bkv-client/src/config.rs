@@ -27,6 +27,9 @@ pub struct ClientConfig {
     /// Development only: lets the CLI mint account tokens for any user.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dev: Option<DevTokens>,
+    /// The simulated latency profile the dev fleet runs with, if any (for benchmarks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wan: Option<String>,
 }
 
 /// The development token key written by `bkv up`.

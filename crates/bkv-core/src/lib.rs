@@ -10,6 +10,7 @@ pub mod account;
 pub mod auth;
 pub mod seal;
 pub mod suite;
+pub mod wan;
 
 pub use account::AccountId;
 pub use suite::{KsfParams, Suite};

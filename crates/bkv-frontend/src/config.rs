@@ -29,6 +29,9 @@ pub struct FrontendConfig {
     /// relative to this file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_config: Option<PathBuf>,
+    /// Simulated wide-area latency profile (see `bkv_core::wan`); none by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wan: Option<String>,
 }
 
 impl FrontendConfig {
@@ -46,6 +49,16 @@ impl FrontendConfig {
             }
         }
         Ok(config)
+    }
+
+    /// The latency profile, if one is named.
+    pub fn wan_profile(&self) -> Result<Option<bkv_core::wan::WanProfile>, String> {
+        match &self.wan {
+            None => Ok(None),
+            Some(name) => bkv_core::wan::WanProfile::named(name)
+                .map(Some)
+                .ok_or_else(|| format!("unknown wan profile {name:?}")),
+        }
     }
 
     /// The nodes as (datacenter, URL) pairs.

@@ -7,6 +7,7 @@ use bkv_core::auth::{AuthError, TokenVerifier};
 use bkv_core::v1::{
     self, admin_client::AdminClient, vault_client::VaultClient, vault_server::Vault, Reason,
 };
+use bkv_core::wan::{WanProfile, FRONTEND_DC};
 use bkv_core::{error_status, MAX_MESSAGE_BYTES};
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -34,6 +35,8 @@ pub struct RouterConfig {
     pub initial_backoff: Duration,
     /// Longest pause between attempts.
     pub max_backoff: Duration,
+    /// Simulated wide-area latency (client to frontend, frontend to nodes).
+    pub wan: Option<WanProfile>,
 }
 
 impl Default for RouterConfig {
@@ -42,6 +45,7 @@ impl Default for RouterConfig {
             deadline: Duration::from_secs(10),
             initial_backoff: Duration::from_millis(50),
             max_backoff: Duration::from_millis(800),
+            wan: None,
         }
     }
 }
@@ -132,8 +136,31 @@ impl FleetRouter {
         self.nodes.iter().position(|n| n.dc == dc)
     }
 
-    /// Sends `body` to the leader, following hints and retrying until the deadline.
+    async fn delay(&self, millis: impl Fn(&WanProfile) -> u64) {
+        if let Some(wan) = &self.config.wan {
+            tokio::time::sleep(Duration::from_millis(millis(wan))).await;
+        }
+    }
+
+    /// Sends `body` to the leader, following hints and retrying until the deadline; with a
+    /// latency profile, the client's distance is added both ways.
     async fn forward<Req, Resp, F, Fut>(
+        &self,
+        request: Request<Req>,
+        call: F,
+    ) -> Result<Response<Resp>, Status>
+    where
+        Req: Clone,
+        F: Fn(VaultClient<Channel>, Request<Req>) -> Fut,
+        Fut: Future<Output = Result<Response<Resp>, Status>>,
+    {
+        self.delay(|w| w.client_ms()).await;
+        let answer = self.forward_to_leader(request, call).await;
+        self.delay(|w| w.client_ms()).await;
+        answer
+    }
+
+    async fn forward_to_leader<Req, Resp, F, Fut>(
         &self,
         request: Request<Req>,
         call: F,
@@ -154,7 +181,10 @@ impl FleetRouter {
                 .metadata_mut()
                 .insert("authorization", authorization.clone());
             let node = &self.nodes[target];
-            let status = match call(node.vault.clone(), attempt).await {
+            self.delay(|w| w.one_way_ms(FRONTEND_DC, &node.dc)).await;
+            let answer = call(node.vault.clone(), attempt).await;
+            self.delay(|w| w.one_way_ms(&node.dc, FRONTEND_DC)).await;
+            let status = match answer {
                 Ok(response) => {
                     self.leader.store(target, Ordering::Relaxed);
                     return Ok(response);

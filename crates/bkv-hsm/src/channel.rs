@@ -373,7 +373,15 @@ impl PeerChannels {
     }
 
     /// Checks `attestation` and remembers its key, so that messages can be sealed to it.
+    /// A peer already checked is not checked again: its key is what authenticates it.
     pub fn admit_peer(&self, attestation: &Attestation) -> Result<(), ChannelError> {
+        if let Some(peer) = self.lock().peers.get(&attestation.node_id) {
+            return if peer.channel_key == attestation.channel_key {
+                Ok(())
+            } else {
+                Err(ChannelError::IdentityChanged)
+            };
+        }
         attestation.verify(&self.root)?;
         let mut state = self.lock();
         if !state.approved.contains(&attestation.measurement) {
@@ -385,13 +393,6 @@ impl PeerChannels {
             return Err(ChannelError::Measurement(m));
         }
         let fleet = state.fleet;
-        if let Some(peer) = state.peers.get(&attestation.node_id) {
-            return if peer.channel_key == attestation.channel_key {
-                Ok(())
-            } else {
-                Err(ChannelError::IdentityChanged)
-            };
-        }
         let mine = self.me.attestation.channel_key;
         let theirs = attestation.channel_key;
         let peer = Peer {
@@ -405,7 +406,7 @@ impl PeerChannels {
             next_counter: 1,
             window: ReplayWindow::default(),
         };
-        state.peers.insert(attestation.node_id, peer);
+        state.peers.entry(attestation.node_id).or_insert(peer);
         Ok(())
     }
 

@@ -38,6 +38,17 @@ pub struct NodeConfig {
     pub peers: Vec<PeerAddress>,
     /// Account-token keys; the node checks every vault call's token itself.
     pub auth: AuthConfig,
+    /// Simulated wide-area latency profile (see `bkv_core::wan`); none by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wan: Option<String>,
+    /// Raft heartbeat interval in milliseconds (elections time out after 4 to 8 of them).
+    /// Across continents a longer interval keeps heartbeats from delaying appends.
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat_ms: u64,
+}
+
+fn default_heartbeat() -> u64 {
+    100
 }
 
 fn default_max_attempts() -> u32 {
@@ -85,6 +96,20 @@ impl NodeConfig {
             if let Some(dir) = path.parent() {
                 config.platform_key = dir.join(&config.platform_key);
             }
+        }
+        if let Some(name) = &config.wan {
+            if bkv_core::wan::WanProfile::named(name).is_none() {
+                return Err(NodeConfigError::Invalid {
+                    path: path.display().to_string(),
+                    reason: format!("unknown wan profile {name:?}"),
+                });
+            }
+        }
+        if !(20..=10_000).contains(&config.heartbeat_ms) {
+            return Err(NodeConfigError::Invalid {
+                path: path.display().to_string(),
+                reason: "heartbeat_ms must be 20 to 10000".into(),
+            });
         }
         if !(1..=1000).contains(&config.max_attempts) {
             return Err(NodeConfigError::Invalid {

@@ -38,10 +38,22 @@ pub async fn run(
         .iter()
         .map(|p| (p.dc.clone(), p.url.clone()))
         .collect();
-    let transport = Arc::new(GrpcTransport::new(&peers).context("invalid peer address")?);
+    let wan = config
+        .wan
+        .as_deref()
+        .and_then(bkv_core::wan::WanProfile::named);
+    if let Some(name) = &config.wan {
+        tracing::warn!(profile = %name, "simulating wide-area latency between datacenters");
+    }
+    let transport =
+        Arc::new(GrpcTransport::new(&peers, &config.dc, wan).context("invalid peer address")?);
+    let defaults = HsmConfig::default();
     let hsm_config = HsmConfig {
         login_deadline_ms: config.login_deadline_secs * 1000,
-        ..HsmConfig::default()
+        heartbeat_ms: config.heartbeat_ms,
+        quorum_freshness_ms: defaults.quorum_freshness_ms.max(3 * config.heartbeat_ms),
+        member_silence_ms: defaults.member_silence_ms.max(4 * config.heartbeat_ms),
+        ..defaults
     };
     let hsm = FleetHsm::start(platform, &config.dc, hsm_config, transport.clone())
         .await
@@ -66,7 +78,7 @@ pub async fn run(
         )
         .add_service(AdminServer::new(NodeAdmin::new(hsm.clone())))
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             shutdown,
         );
 

@@ -136,7 +136,7 @@ impl Vault for NodeVault {
             .enroll_finish(&account, &body.registration_upload, &body.wrapped_key, ksf)
             .await
             .map_err(|e| self.fail(e))?;
-        tracing::info!(%account, "enrolled");
+        tracing::debug!(%account, "enrolled");
         Ok(Response::new(v1::EnrollFinishResponse { attempts_left }))
     }
 
@@ -151,7 +151,7 @@ impl Vault for NodeVault {
             .recover_start(&account, &body.ke1)
             .await
             .map_err(|e| self.fail(e))?;
-        tracing::info!(%account, attempts_left = started.attempts_left, "guess spent");
+        tracing::debug!(%account, attempts_left = started.attempts_left, "guess spent");
         Ok(Response::new(v1::RecoverStartResponse {
             ke2: started.ke2,
             login_id: started.login_id.to_vec(),
@@ -172,7 +172,7 @@ impl Vault for NodeVault {
             .recover_finish(&account, &body.login_id, &body.ke3)
             .await
             .map_err(|e| self.fail(e))?;
-        tracing::info!(%account, "key released");
+        tracing::debug!(%account, "key released");
         Ok(Response::new(v1::RecoverFinishResponse {
             sealed_wrapped_key: released.sealed_wrapped_key,
             attempts_left: released.attempts_left,
@@ -271,13 +271,31 @@ impl Peer for NodePeer {
 /// Operator view of one node.
 pub struct NodeAdmin {
     hsm: Arc<FleetHsm>,
+    baseline_rss: u64,
 }
 
 impl NodeAdmin {
-    /// Reports on `hsm`.
+    /// Reports on `hsm`; memory growth is measured from now.
     pub fn new(hsm: Arc<FleetHsm>) -> Self {
-        Self { hsm }
+        Self {
+            hsm,
+            baseline_rss: resident_bytes(),
+        }
     }
+}
+
+/// This process's resident memory (Linux), 0 where unknown.
+pub fn resident_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kib| kib.parse::<u64>().ok())
+        })
+        .map(|kib| kib * 1024)
+        .unwrap_or(0)
 }
 
 /// Converts the HSM's status to its wire form.
@@ -304,6 +322,8 @@ pub fn status_to_wire(status: NodeStatus) -> v1::NodeStatusResponse {
             .collect(),
         records: status.records as u64,
         platform: status.platform,
+        rss_bytes: 0,
+        baseline_rss_bytes: 0,
     }
 }
 
@@ -313,6 +333,9 @@ impl Admin for NodeAdmin {
         &self,
         _request: Request<v1::NodeStatusRequest>,
     ) -> Result<Response<v1::NodeStatusResponse>, Status> {
-        Ok(Response::new(status_to_wire(self.hsm.status())))
+        let mut status = status_to_wire(self.hsm.status());
+        status.rss_bytes = resident_bytes();
+        status.baseline_rss_bytes = self.baseline_rss;
+        Ok(Response::new(status))
     }
 }

@@ -1,6 +1,7 @@
 //! Carries the HSM's sealed peer messages over gRPC. Untrusted: it only moves bytes.
 
 use bkv_core::v1::{peer_client::PeerClient, PeerMessage};
+use bkv_core::wan::WanProfile;
 use bkv_core::MAX_PEER_MESSAGE_BYTES;
 use bkv_hsm::fleet::BoxFuture;
 use bkv_hsm::{PeerTransport, TransportError};
@@ -11,6 +12,8 @@ use tonic::transport::{Channel, Endpoint};
 /// One lazily connected gRPC channel per peer datacenter.
 pub struct GrpcTransport {
     peers: HashMap<String, PeerClient<Channel>>,
+    my_dc: String,
+    wan: Option<WanProfile>,
 }
 
 /// A lazily connected client for `url` with the timeouts peers use.
@@ -22,8 +25,13 @@ pub fn channel(url: &str) -> Result<Channel, tonic::transport::Error> {
 }
 
 impl GrpcTransport {
-    /// Builds clients for every `(dc, url)`.
-    pub fn new(peers: &[(String, String)]) -> Result<Self, tonic::transport::Error> {
+    /// Builds clients for every `(dc, url)`; with a `wan` profile, each message waits the
+    /// profile's one-way delay from `my_dc` to its peer, and each answer the way back.
+    pub fn new(
+        peers: &[(String, String)],
+        my_dc: &str,
+        wan: Option<WanProfile>,
+    ) -> Result<Self, tonic::transport::Error> {
         let mut map = HashMap::new();
         for (dc, url) in peers {
             let client = PeerClient::new(channel(url)?)
@@ -31,7 +39,11 @@ impl GrpcTransport {
                 .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES);
             map.insert(dc.clone(), client);
         }
-        Ok(Self { peers: map })
+        Ok(Self {
+            peers: map,
+            my_dc: my_dc.to_string(),
+            wan,
+        })
     }
 
     /// The client for `dc`.
@@ -43,14 +55,23 @@ impl GrpcTransport {
 impl PeerTransport for GrpcTransport {
     fn call(&self, dc: &str, message: Vec<u8>) -> BoxFuture<'_, Result<Vec<u8>, TransportError>> {
         let client = self.client(dc);
+        let delays = self
+            .wan
+            .map(|w| (w.one_way_ms(&self.my_dc, dc), w.one_way_ms(dc, &self.my_dc)));
         let dc = dc.to_string();
         Box::pin(async move {
             let mut client =
                 client.ok_or_else(|| TransportError(format!("no address for {dc}")))?;
+            if let Some((there, _)) = delays {
+                tokio::time::sleep(Duration::from_millis(there)).await;
+            }
             let answer = client
                 .raft(PeerMessage { sealed: message })
                 .await
                 .map_err(|s| TransportError(format!("{dc}: {}", s.message())))?;
+            if let Some((_, back)) = delays {
+                tokio::time::sleep(Duration::from_millis(back)).await;
+            }
             Ok(answer.into_inner().sealed)
         })
     }

@@ -11,6 +11,16 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
+/// Arguments of `bkv bench`.
+#[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    command: Option<BenchCommand>,
+    #[command(flatten)]
+    load: crate::load::LoadArgs,
+}
+
 /// Benchmarks.
 #[derive(Subcommand)]
 pub enum BenchCommand {
@@ -75,7 +85,14 @@ fn time_command(cmd: &mut Command) -> anyhow::Result<f64> {
 }
 
 /// Runs a benchmark.
-pub async fn run(command: BenchCommand) -> Result<(), Failure> {
+pub async fn run(args: BenchArgs) -> Result<(), Failure> {
+    match args.command {
+        Some(command) => run_backup(command).await,
+        None => crate::load::run(args.load).await,
+    }
+}
+
+async fn run_backup(command: BenchCommand) -> Result<(), Failure> {
     let BenchCommand::Backup { size, dir, json } = command;
     let scratch = tempfile_dir(dir)?;
     let src = scratch.join("src");

@@ -49,6 +49,9 @@ pub struct InitArgs {
     /// Wrong PINs a record survives.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1000))]
     max_attempts: u32,
+    /// Simulate wide-area latency with this profile (three-continents).
+    #[arg(long, value_name = "PROFILE")]
+    wan: Option<String>,
 }
 
 /// What [`write_fleet`] produced.
@@ -111,6 +114,18 @@ fn dev_auth(fleet_dir: &Path) -> (AuthConfig, DevTokens) {
     )
 }
 
+/// Policy written into a new fleet's configs.
+pub struct FleetOptions {
+    /// Wrong PINs a record survives.
+    pub max_attempts: u32,
+    /// Seconds between KE2 and KE3.
+    pub login_deadline_secs: u64,
+    /// Token keys; a fresh dev key when absent.
+    pub auth: Option<AuthConfig>,
+    /// Simulated wide-area latency profile.
+    pub wan: Option<String>,
+}
+
 /// Writes a fleet's files into `dir`: platform key, node configs, frontend config,
 /// and a client config with no fleet key pinned yet.
 pub fn write_fleet(
@@ -118,10 +133,21 @@ pub fn write_fleet(
     datacenters: usize,
     frontend: SocketAddr,
     node_addrs: &[SocketAddr],
-    max_attempts: u32,
-    login_deadline_secs: u64,
-    auth: Option<AuthConfig>,
+    options: FleetOptions,
 ) -> anyhow::Result<FleetFiles> {
+    let FleetOptions {
+        max_attempts,
+        login_deadline_secs,
+        auth,
+        wan,
+    } = options;
+    if let Some(name) = &wan {
+        anyhow::ensure!(
+            bkv_core::wan::WanProfile::named(name).is_some(),
+            "unknown wan profile {name:?} (known: {})",
+            bkv_core::wan::THREE_CONTINENTS
+        );
+    }
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let mut platform_key = zeroize::Zeroizing::new([0u8; 32]);
     rand::rngs::OsRng.fill_bytes(platform_key.as_mut());
@@ -154,6 +180,9 @@ pub fn write_fleet(
                 })
                 .collect(),
             auth: auth.clone(),
+            wan: wan.clone(),
+            // Across continents, heartbeats every 500 ms rarely stand in front of an append.
+            heartbeat_ms: if wan.is_some() { 500 } else { 100 },
         };
         let path = dir.join(format!("{name}.toml"));
         let text = toml::to_string_pretty(&config).context("node config")?;
@@ -175,6 +204,7 @@ pub fn write_fleet(
             .collect(),
         auth: auth.clone(),
         client_config: Some("client.toml".into()),
+        wan: wan.clone(),
     };
     let frontend_path = dir.join("frontend.toml");
     write_private(
@@ -188,6 +218,7 @@ pub fn write_fleet(
         tenant: "default".into(),
         ksf: KsfParams::RECOMMENDED,
         dev,
+        wan,
     };
     let client_path = dir.join("client.toml");
     write_client_config(&client_path, &client)?;
@@ -227,7 +258,13 @@ pub async fn run(command: FleetCommand) -> Result<(), Failure> {
                 .iter()
                 .map(|p| SocketAddr::new(args.host, *p))
                 .collect();
-            let files = write_fleet(&args.dir, n, frontend, &nodes, args.max_attempts, 60, None)?;
+            let options = FleetOptions {
+                max_attempts: args.max_attempts,
+                login_deadline_secs: 60,
+                auth: None,
+                wan: args.wan,
+            };
+            let files = write_fleet(&args.dir, n, frontend, &nodes, options)?;
             println!("wrote {}", args.dir.join("platform.key").display());
             for (dc, path, addr) in &files.nodes {
                 println!("wrote {} ({dc} on {addr})", path.display());
@@ -286,6 +323,8 @@ fn status_json(status: &bkv_core::v1::FleetStatusResponse) -> serde_json::Value 
                 "voter": voters.contains(&node_id),
                 "applied_index": s.map(|s| s.applied_index).unwrap_or(0),
                 "records": s.map(|s| s.records).unwrap_or(0),
+                "rss_bytes": s.map(|s| s.rss_bytes).unwrap_or(0),
+                "bytes_per_record": s.filter(|s| s.records > 0).map(|s| s.rss_bytes.saturating_sub(s.baseline_rss_bytes) / s.records),
                 "error": n.error,
             })
         })
@@ -311,13 +350,18 @@ fn print_status(status: &bkv_core::v1::FleetStatusResponse) {
         if status.majority { "yes" } else { "NO" }
     );
     for m in value["members"].as_array().into_iter().flatten() {
+        let memory = match m["bytes_per_record"].as_u64() {
+            Some(per) => format!("{} records, {} B/record", m["records"], per),
+            None => format!("{} records", m["records"]),
+        };
         println!(
-            "  {:<5} {:<10} {:<12} {:<16} {}",
+            "  {:<5} {:<10} {:<12} {:<16} {:<24} {}",
             m["dc"].as_str().unwrap_or(""),
             m["role"].as_str().unwrap_or(""),
             m["health"].as_str().unwrap_or(""),
             m["fingerprint"].as_str().unwrap_or(""),
-            m["url"].as_str().unwrap_or("")
+            m["url"].as_str().unwrap_or(""),
+            memory
         );
     }
 }

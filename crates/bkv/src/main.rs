@@ -6,6 +6,7 @@ mod bench;
 mod fleet;
 mod input;
 mod key;
+mod load;
 mod serve;
 mod up;
 
@@ -57,9 +58,9 @@ enum Command {
     Backup(backup::BackupArgs),
     /// Restore the newest (or a chosen) backup into an empty or new directory.
     Restore(backup::RestoreArgs),
-    /// Measure performance (prints numbers).
-    #[command(subcommand)]
-    Bench(bench::BenchCommand),
+    /// Measure performance (prints numbers): a closed-loop load generator against a
+    /// fleet, the server-side crypto floor, or `bench backup`.
+    Bench(bench::BenchArgs),
     /// Lay out a fleet's configuration, or report its health.
     #[command(subcommand)]
     Fleet(fleet::FleetCommand),
@@ -132,7 +133,7 @@ fn main() -> ExitCode {
             Command::Frontend { config } => serve::frontend(config).await,
             Command::Fleet(command) => fleet::run(command).await,
             Command::Backup(args) => backup::run_backup(args).await,
-            Command::Bench(command) => bench::run(command).await,
+            Command::Bench(args) => bench::run(args).await,
             Command::Restore(args) => backup::run_restore(args).await,
         }
     });

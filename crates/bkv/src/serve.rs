@@ -98,8 +98,15 @@ pub async fn frontend(config: PathBuf) -> Result<(), Failure> {
     let verifier =
         Arc::new(TokenVerifier::new(&config.auth).context("invalid account-token configuration")?);
     let router = Arc::new(
-        FleetRouter::new(&config.node_pairs(), verifier, RouterConfig::default())
-            .map_err(anyhow::Error::new)?,
+        FleetRouter::new(
+            &config.node_pairs(),
+            verifier,
+            RouterConfig {
+                wan: config.wan_profile().map_err(anyhow::Error::msg)?,
+                ..RouterConfig::default()
+            },
+        )
+        .map_err(anyhow::Error::new)?,
     );
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

@@ -42,6 +42,10 @@ pub struct UpArgs {
     /// With it, client.toml carries no token key and clients need real tokens.
     #[arg(long, value_name = "FILE")]
     auth: Option<PathBuf>,
+    /// Simulate wide-area latency between datacenters and to the client with this
+    /// profile (three-continents: see docs/performance.md). Off by default.
+    #[arg(long, value_name = "PROFILE")]
+    wan: Option<String>,
 }
 
 const BANNER: &str = "\
@@ -95,15 +99,13 @@ pub async fn run(args: UpArgs) -> Result<(), Failure> {
             .map(|i| SocketAddr::new(frontend.ip(), frontend.port().saturating_add(i)))
             .collect()
     };
-    let files = write_fleet(
-        &args.dir,
-        n,
-        frontend,
-        &node_addrs,
-        args.max_attempts,
-        args.login_deadline,
+    let options = crate::fleet::FleetOptions {
+        max_attempts: args.max_attempts,
+        login_deadline_secs: args.login_deadline,
         auth,
-    )?;
+        wan: args.wan.clone(),
+    };
+    let files = write_fleet(&args.dir, n, frontend, &node_addrs, options)?;
 
     let logs = args.dir.join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("cannot create {}", logs.display()))?;
@@ -131,6 +133,11 @@ pub async fn run(args: UpArgs) -> Result<(), Failure> {
         }));
         nodes.0.push(child);
     }
+    std::fs::write(
+        args.dir.join("frontend.pid"),
+        std::process::id().to_string(),
+    )
+    .context("frontend.pid")?;
     let nodes_json = args.dir.join("nodes.json");
     std::fs::write(
         &nodes_json,
@@ -147,7 +154,10 @@ pub async fn run(args: UpArgs) -> Result<(), Failure> {
         FleetRouter::new(
             &frontend_config.node_pairs(),
             verifier,
-            RouterConfig::default(),
+            RouterConfig {
+                wan: frontend_config.wan_profile().map_err(anyhow::Error::msg)?,
+                ..RouterConfig::default()
+            },
         )
         .map_err(anyhow::Error::new)?,
     );

@@ -60,6 +60,8 @@ pub struct HsmConfig {
     pub member_silence_ms: u64,
     /// Raft heartbeat interval.
     pub heartbeat_ms: u64,
+    /// Entries between snapshots (a snapshot lets Raft drop older log entries).
+    pub snapshot_every: u64,
 }
 
 impl Default for HsmConfig {
@@ -71,6 +73,7 @@ impl Default for HsmConfig {
             quorum_freshness_ms: 1_500,
             member_silence_ms: 2_000,
             heartbeat_ms: 100,
+            snapshot_every: 50_000,
         }
     }
 }
@@ -277,6 +280,11 @@ impl FleetHsm {
             heartbeat_interval: config.heartbeat_ms,
             election_timeout_min: config.heartbeat_ms * 4,
             election_timeout_max: config.heartbeat_ms * 8,
+            // A snapshot copies the whole table: large fleets take one rarely (50 000
+            // entries by default, not openraft's 5 000) so as not to spend their time serializing.
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(config.snapshot_every),
+            max_in_snapshot_log_to_keep: (config.snapshot_every / 50).max(1),
+            purge_batch_size: 1,
             ..Config::default()
         }
         .validate()

@@ -132,8 +132,35 @@ pub(crate) struct MachineData {
     pub(crate) state: FleetState,
     pub(crate) last_applied: Option<LogId<NodeId>>,
     pub(crate) last_membership: StoredMembership<NodeId, MemberNode>,
-    snapshot: Option<(SnapshotMeta<NodeId, MemberNode>, Vec<u8>)>,
+    // No serialized copy is kept: a snapshot is made from the live state when asked for,
+    // which halves memory per record. Only whether one exists is remembered.
+    has_snapshot: bool,
     snapshots_built: u64,
+}
+
+impl MachineData {
+    /// A snapshot of the state as it is now.
+    // The error type is openraft's, fixed by its storage traits.
+    #[allow(clippy::result_large_err)]
+    fn snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
+        let bytes = postcard::to_allocvec(&self.state)
+            .map_err(|e| StorageIOError::read_state_machine(&e))?;
+        self.snapshots_built += 1;
+        self.has_snapshot = true;
+        let snapshot_id = format!(
+            "{}-{}",
+            self.last_applied.map(|l| l.index).unwrap_or(0),
+            self.snapshots_built
+        );
+        Ok(Snapshot {
+            meta: SnapshotMeta {
+                last_log_id: self.last_applied,
+                last_membership: self.last_membership.clone(),
+                snapshot_id,
+            },
+            snapshot: Box::new(Cursor::new(bytes)),
+        })
+    }
 }
 
 /// The state machine: applies committed entries to the [`FleetState`] in `Shared`.
@@ -150,25 +177,7 @@ impl StateMachineStore {
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
-        let mut machine = self.shared.machine();
-        let bytes = postcard::to_allocvec(&machine.state)
-            .map_err(|e| StorageIOError::read_state_machine(&e))?;
-        machine.snapshots_built += 1;
-        let snapshot_id = format!(
-            "{}-{}",
-            machine.last_applied.map(|l| l.index).unwrap_or(0),
-            machine.snapshots_built
-        );
-        let meta = SnapshotMeta {
-            last_log_id: machine.last_applied,
-            last_membership: machine.last_membership.clone(),
-            snapshot_id,
-        };
-        machine.snapshot = Some((meta.clone(), bytes.clone()));
-        Ok(Snapshot {
-            meta,
-            snapshot: Box::new(Cursor::new(bytes)),
-        })
+        self.shared.machine().snapshot()
     }
 }
 
@@ -233,7 +242,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             machine.state = state;
             machine.last_applied = meta.last_log_id;
             machine.last_membership = meta.last_membership.clone();
-            machine.snapshot = Some((meta.clone(), bytes));
+            machine.has_snapshot = true;
         }
         self.shared.after_state_change();
         Ok(())
@@ -242,10 +251,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     async fn get_current_snapshot(
         &mut self,
     ) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
-        let machine = self.shared.machine();
-        Ok(machine.snapshot.as_ref().map(|(meta, bytes)| Snapshot {
-            meta: meta.clone(),
-            snapshot: Box::new(Cursor::new(bytes.clone())),
-        }))
+        let mut machine = self.shared.machine();
+        if !machine.has_snapshot {
+            return Ok(None);
+        }
+        // A snapshot of the current state: it covers at least what the last one did.
+        machine.snapshot().map(Some)
     }
 }

@@ -753,6 +753,86 @@ async fn restarted_member_replaces_the_silent_one_in_its_slot() {
 }
 
 #[tokio::test]
+async fn a_new_member_catches_up_from_a_snapshot_when_the_log_was_purged() {
+    let transport = Arc::new(LocalTransport::default());
+    let config = HsmConfig {
+        snapshot_every: 10,
+        ..test_config()
+    };
+    let start = |seed: u64, dc: &'static str| {
+        let transport = transport.clone();
+        async move {
+            let (platform, clock) = SimulatedPlatform::new(seed, CODE);
+            let hsm = FleetHsm::start(Arc::new(platform), dc, config, transport.clone())
+                .await
+                .unwrap();
+            transport
+                .members
+                .lock()
+                .unwrap()
+                .insert(dc.to_string(), hsm.clone());
+            (hsm, clock)
+        }
+    };
+    let (leader, clock) = start(300, "dc1").await;
+    leader.found(10).await.unwrap();
+    let (second, _) = start(301, "dc2").await;
+    join(&leader, &second).await.unwrap();
+    eventually("voter", || second.is_voter()).await;
+    let users: Vec<AccountId> = (0..30).map(|i| account(&format!("user{i}"))).collect();
+    for user in &users {
+        enroll(&leader, user, b"1234").await;
+    }
+    // The log has been snapshotted and purged: a newcomer cannot replay it from the start.
+    eventually("snapshot taken", || {
+        leader.raft.metrics().borrow().snapshot.is_some()
+    })
+    .await;
+    let purged = leader.raft.metrics().borrow().purged;
+    assert!(purged.is_some(), "log purged after the snapshot");
+    let (third, _) = start(302, "dc3").await;
+    clock.advance(0);
+    join(&leader, &third).await.unwrap();
+    eventually("caught up", || third.status().records == 30).await;
+    eventually("third votes", || third.is_voter()).await;
+    assert_eq!(third.fleet_key(), leader.fleet_key());
+    // The snapshot carried everything, including the records' secrets.
+    let answer = start_login(&leader, &users[7], b"1234").await.unwrap();
+    assert!(answer.ke3.is_some());
+    fleet_crash_and_recover_from_third(&transport, &users[3]).await;
+}
+
+/// Crashes dc1 and dc2's peer link so that dc3 (snapshot-fed) must serve with dc2.
+async fn fleet_crash_and_recover_from_third(transport: &Arc<LocalTransport>, user: &AccountId) {
+    let dc1 = transport.members.lock().unwrap().remove("dc1").unwrap();
+    dc1.shutdown().await;
+    let mut leader = None;
+    for _ in 0..200 {
+        let members: Vec<_> = transport
+            .members
+            .lock()
+            .unwrap()
+            .values()
+            .cloned()
+            .collect();
+        leader = members
+            .into_iter()
+            .find(|m| m.status().role == "leader" && m.check_leader().is_ok());
+        if leader.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let leader = leader.expect("a new leader among dc2 and dc3");
+    let answer = start_login(&leader, user, b"1234").await.unwrap();
+    let (ke3, ..) = answer.ke3.unwrap();
+    leader
+        .recover_finish(user, &answer.login_id, &ke3)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
 async fn a_live_slot_is_never_taken_over() {
     let fleet = TestFleet::new(2).await;
     let (impostor, _) = member(&Arc::new(LocalTransport::default()), 77, "dc2", CODE).await;

@@ -120,7 +120,9 @@ impl FleetHsm {
         let ke1 =
             CredentialRequest::<Suite>::deserialize(ke1).map_err(|_| HsmError::Malformed("KE1"))?;
         let secret = self.shared.secret.get().ok_or(HsmError::NotReady)?;
-        self.linearize().await?;
+        // No read barrier here: the generation read below may be stale only on a new
+        // leader still applying, and then SpendGuess is refused as stale, changing nothing.
+        self.check_leader()?;
         let now = self.shared.platform.now_millis();
         if !self.pending().has_room(now) {
             return Err(HsmError::Busy);
