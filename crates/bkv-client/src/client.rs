@@ -43,15 +43,20 @@ pub struct Recovered {
     pub attempts_left: u32,
 }
 
-/// Asks the frontend of `config` for the fleet's members and health (no account needed).
-pub async fn fleet_status(config: &ClientConfig) -> Result<v1::FleetStatusResponse, ClientError> {
-    let endpoint = Endpoint::from_shared(config.url.clone())
+/// The frontend's endpoint, with the client's timeouts; connected on first use.
+fn endpoint(config: &ClientConfig) -> Result<Endpoint, ClientError> {
+    Ok(Endpoint::from_shared(config.url.clone())
         .map_err(|e| ClientError::Config {
             path: "url".into(),
             reason: e.to_string(),
         })?
         .connect_timeout(Duration::from_secs(5))
-        .timeout(Duration::from_secs(30));
+        .timeout(Duration::from_secs(30)))
+}
+
+/// Asks the frontend of `config` for the fleet's members and health (no account needed).
+pub async fn fleet_status(config: &ClientConfig) -> Result<v1::FleetStatusResponse, ClientError> {
+    let endpoint = endpoint(config)?;
     let mut grpc = Grpc::new(endpoint.connect_lazy());
     grpc.fleet_status(v1::FleetStatusRequest {})
         .await
@@ -81,13 +86,7 @@ impl std::fmt::Debug for VaultClient {
 impl VaultClient {
     /// Prepares a client for `config`; the connection is made on first use.
     pub fn new(config: &ClientConfig, tokens: TokenSource) -> Result<Self, ClientError> {
-        let endpoint = Endpoint::from_shared(config.url.clone())
-            .map_err(|e| ClientError::Config {
-                path: "url".into(),
-                reason: e.to_string(),
-            })?
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(30));
+        let endpoint = endpoint(config)?;
         let grpc = Grpc::new(endpoint.connect_lazy())
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);

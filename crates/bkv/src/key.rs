@@ -126,6 +126,16 @@ pub fn load_key(device: &Device) -> Result<Option<BackupKey>, Failure> {
     Ok(device.load()?)
 }
 
+/// The device's key, or an error saying it has none.
+fn require_key(device: &Device) -> Result<BackupKey, Failure> {
+    load_key(device)?.ok_or_else(|| {
+        Failure::new(
+            exit::OTHER,
+            anyhow::anyhow!("{} holds no backup key", device.key_path().display()),
+        )
+    })
+}
+
 /// Writes `key` unless the device holds a different one and `force` is off.
 pub fn store_key(device: &Device, key: &BackupKey, force: bool) -> Result<(), Failure> {
     if let Some(existing) = load_key(device)? {
@@ -215,24 +225,12 @@ pub async fn run(command: KeyCommand) -> Result<(), Failure> {
             Ok(())
         }
         KeyCommand::RecoveryCode { device } => {
-            let device = Device::new(device);
-            let key = load_key(&device)?.ok_or_else(|| {
-                Failure::new(
-                    exit::OTHER,
-                    anyhow::anyhow!("{} holds no backup key", device.key_path().display()),
-                )
-            })?;
+            let key = require_key(&Device::new(device))?;
             println!("{}", key.recovery_code().as_str());
             Ok(())
         }
         KeyCommand::AgeIdentity { device } => {
-            let device = Device::new(device);
-            let key = load_key(&device)?.ok_or_else(|| {
-                Failure::new(
-                    exit::OTHER,
-                    anyhow::anyhow!("{} holds no backup key", device.key_path().display()),
-                )
-            })?;
+            let key = require_key(&Device::new(device))?;
             let identity = bkv_client::backup::keys::age_identity_string(&key);
             eprintln!(
                 "# recipient: {}",

@@ -571,26 +571,29 @@ impl TestFleet {
     }
 
     async fn leader(&self) -> Arc<FleetHsm> {
-        let transport = self.transport.clone();
-        let mut found = None;
-        for _ in 0..200 {
-            let members: Vec<_> = transport
-                .members
-                .lock()
-                .unwrap()
-                .values()
-                .cloned()
-                .collect();
-            found = members
-                .into_iter()
-                .find(|m| m.status().role == "leader" && m.check_leader().is_ok());
-            if found.is_some() {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
-        found.expect("a leader is elected")
+        find_leader(&self.transport).await
     }
+}
+
+/// The member that leads with a fresh majority, once there is one.
+async fn find_leader(transport: &LocalTransport) -> Arc<FleetHsm> {
+    for _ in 0..200 {
+        let members: Vec<_> = transport
+            .members
+            .lock()
+            .unwrap()
+            .values()
+            .cloned()
+            .collect();
+        if let Some(leader) = members
+            .into_iter()
+            .find(|m| m.status().role == "leader" && m.check_leader().is_ok())
+        {
+            return leader;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("no leader was elected");
 }
 
 #[tokio::test]
@@ -806,24 +809,7 @@ async fn a_new_member_catches_up_from_a_snapshot_when_the_log_was_purged() {
 async fn fleet_crash_and_recover_from_third(transport: &Arc<LocalTransport>, user: &AccountId) {
     let dc1 = transport.members.lock().unwrap().remove("dc1").unwrap();
     dc1.shutdown().await;
-    let mut leader = None;
-    for _ in 0..200 {
-        let members: Vec<_> = transport
-            .members
-            .lock()
-            .unwrap()
-            .values()
-            .cloned()
-            .collect();
-        leader = members
-            .into_iter()
-            .find(|m| m.status().role == "leader" && m.check_leader().is_ok());
-        if leader.is_some() {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    let leader = leader.expect("a new leader among dc2 and dc3");
+    let leader = find_leader(transport).await;
     let answer = start_login(&leader, user, b"1234").await.unwrap();
     let (ke3, ..) = answer.ke3.unwrap();
     leader
