@@ -224,3 +224,19 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod malformed_input {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn any_text_as_recovery_code_or_pin_is_handled(text in ".{0,200}") {
+            if let Ok(key) = BackupKey::from_recovery_code(&text) {
+                prop_assert_eq!(BackupKey::from_recovery_code(&key.recovery_code()).unwrap(), key);
+            }
+            let _ = Pin::new(text);
+        }
+    }
+}

@@ -184,3 +184,24 @@ fn weak_or_missing_keys_are_refused() {
         Err(AuthConfigError::BadKey { .. })
     ));
 }
+
+mod malformed_input {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn any_header_is_refused_unless_signed(header in ".{0,300}") {
+            let verifier = TokenVerifier::new(&hs_config()).unwrap();
+            prop_assert!(verifier.verify_header(Some(&header)).is_err());
+            prop_assert!(verifier.verify(&header).is_err());
+        }
+
+        #[test]
+        fn any_names_are_checked(tenant in ".{0,200}", user in ".{0,200}") {
+            if let Ok(account) = AccountId::new(tenant.clone(), user.clone()) {
+                prop_assert!(!account.credential_identifier().is_empty());
+            }
+        }
+    }
+}

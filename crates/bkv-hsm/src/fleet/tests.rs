@@ -850,3 +850,49 @@ async fn a_second_fleet_founded_alongside_has_its_own_keys_and_no_records() {
         Some(HsmError::NotEnrolled)
     );
 }
+
+// ---- every decoder refuses what it cannot parse, without panicking or changing state ----
+
+mod malformed_input {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        #[test]
+        fn random_bytes_never_panic_or_spend_a_guess(
+            bytes in proptest::collection::vec(any::<u8>(), 0..600),
+            login_id in proptest::collection::vec(any::<u8>(), 0..40),
+        ) {
+            let rt = runtime();
+            rt.block_on(async {
+                let (hsm, _) = hsm(10).await;
+                let alice = account("alice");
+                enroll(&hsm, &alice, b"1234").await;
+                let _ = hsm.recover_start(&alice, &bytes).await;
+                let _ = hsm.enroll_start(&alice, &bytes).await;
+                let _ = hsm.enroll_finish(&alice, &bytes, &bytes, KSF).await;
+                let _ = hsm.recover_finish(&alice, &login_id, &bytes).await;
+                let _ = hsm.recover_abort(&alice, &login_id).await;
+                assert!(hsm.handle_peer(&bytes).await.is_err());
+                assert!(hsm.handle_join(&bytes).await.is_err());
+                assert!(hsm.accept_join_answer(&bytes).is_err());
+                // Random bytes are (overwhelmingly) not a KE1: nothing was spent.
+                let left = match attempts(&hsm, &alice).await {
+                    RecordStatus::Active { attempts_left, .. } => attempts_left,
+                    other => panic!("{other:?}"),
+                };
+                assert!(left >= 9, "random input spent guesses: {left}");
+                hsm.shutdown().await;
+            });
+        }
+    }
+}

@@ -199,3 +199,34 @@ fn hard_links_and_devices_are_refused() {
         Err(ArchiveError::Unsupported { .. })
     ));
 }
+
+mod malformed_input {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+
+        #[test]
+        fn random_archives_are_refused_without_panicking(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
+            let id = identity();
+            prop_assert!(verify(&bytes[..], &id).is_err());
+            let dir = tempfile::tempdir().unwrap();
+            prop_assert!(unpack(&bytes[..], &id, dir.path()).is_err());
+        }
+
+        #[test]
+        fn random_tar_inside_a_valid_age_file_is_refused_or_contained(tar in proptest::collection::vec(any::<u8>(), 0..4096)) {
+            let id = identity();
+            let archive = encrypt_raw(&tar, &id);
+            let dir = tempfile::tempdir().unwrap();
+            let out = dir.path().join("out");
+            fs::create_dir(&out).unwrap();
+            let _ = unpack(&archive[..], &id, &out);
+            // Whatever it made, it made inside `out`.
+            for entry in fs::read_dir(dir.path()).unwrap() {
+                prop_assert_eq!(entry.unwrap().file_name(), "out");
+            }
+        }
+    }
+}
