@@ -156,6 +156,7 @@ impl VaultClient {
             .await
             .map_err(|s| self.refused(s))?
             .into_inner();
+        let response_id = response.registration_id.clone();
         // Argon2id runs on a blocking thread: it takes tens of milliseconds and megabytes.
         let pinned = self.pinned;
         let key = key.clone();
@@ -171,6 +172,7 @@ impl VaultClient {
         .await
         .map_err(|e| ClientError::Protocol(format!("enrollment task failed: {e}")))??;
         let finish = v1::EnrollFinishRequest {
+            registration_id: response_id,
             registration_upload: upload.registration_upload,
             wrapped_key: upload.wrapped_key,
             ksf: Some(v1::KsfParams {

@@ -76,6 +76,22 @@ impl AccountId {
     }
 }
 
+/// Label that separates an enrollment's OPRF salt in its OPRF key identifier.
+const OPRF_SALT_LABEL: &[u8] = b"bkv/v1/oprf-salt";
+
+impl AccountId {
+    /// The identifier the HSM derives one enrollment's OPRF key from: the account and a
+    /// random salt chosen by the HSM for that enrollment. A fresh salt per enrollment means
+    /// that starting a new registration never evaluates the live record's OPRF key (which
+    /// would let a token holder test PINs offline against a KE2).
+    pub fn oprf_identifier(&self, salt: &[u8]) -> Vec<u8> {
+        let mut id = self.credential_identifier();
+        id.extend_from_slice(OPRF_SALT_LABEL);
+        id.extend_from_slice(salt);
+        id
+    }
+}
+
 impl std::fmt::Display for AccountId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/{}", self.tenant, self.user)

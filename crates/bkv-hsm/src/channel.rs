@@ -301,7 +301,7 @@ impl ReplayWindow {
 }
 
 struct Peer {
-    channel_key: [u8; 32],
+    attestation: Attestation,
     send: Zeroizing<[u8; 32]>,
     recv: Zeroizing<[u8; 32]>,
     next_counter: u64,
@@ -372,11 +372,12 @@ impl PeerChannels {
         self.lock().fleet
     }
 
-    /// Checks `attestation` and remembers its key, so that messages can be sealed to it.
-    /// A peer already checked is not checked again: its key is what authenticates it.
+    /// Checks `attestation` and remembers it, so that messages can be sealed to its key.
+    /// The signature is checked once per peer: later, only an attestation identical to the
+    /// one checked is accepted for that node id, so no field can be swapped unverified.
     pub fn admit_peer(&self, attestation: &Attestation) -> Result<(), ChannelError> {
         if let Some(peer) = self.lock().peers.get(&attestation.node_id) {
-            return if peer.channel_key == attestation.channel_key {
+            return if peer.attestation == *attestation {
                 Ok(())
             } else {
                 Err(ChannelError::IdentityChanged)
@@ -396,7 +397,7 @@ impl PeerChannels {
         let mine = self.me.attestation.channel_key;
         let theirs = attestation.channel_key;
         let peer = Peer {
-            channel_key: theirs,
+            attestation: attestation.clone(),
             send: self
                 .me
                 .shared_key(CHANNEL_LABEL, &fleet, &mine, &theirs, &theirs),

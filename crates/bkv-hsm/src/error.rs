@@ -57,6 +57,8 @@ pub enum HsmError {
 pub struct EnrollStarted {
     /// OPAQUE RegistrationResponse bytes.
     pub registration_response: Vec<u8>,
+    /// Names this registration in the second step.
+    pub registration_id: crate::pending::RegistrationId,
     /// The fleet's OPAQUE public key.
     pub fleet_key: [u8; 32],
 }

@@ -21,5 +21,5 @@ pub mod records;
 pub use bkv_core::KsfParams;
 pub use error::{EnrollStarted, HsmError, KeyReleased, RecordStatus, RecoverStarted};
 pub use fleet::{FleetHsm, HsmConfig, MemberNode, NodeStatus, PeerTransport, TransportError};
-pub use pending::LoginId;
+pub use pending::{LoginId, RegistrationId};
 pub use platform::{Platform, SimulatedClock, SimulatedPlatform, SoftwarePlatform};

@@ -19,6 +19,8 @@ pub struct Enrollment {
     pub wrapped_key: Zeroizing<Vec<u8>>,
     /// Argon2id cost the client used.
     pub ksf: KsfParams,
+    /// The HSM's random salt for this enrollment's OPRF key.
+    pub oprf_salt: [u8; 16],
 }
 
 impl std::fmt::Debug for Enrollment {
@@ -27,6 +29,7 @@ impl std::fmt::Debug for Enrollment {
             .field("registration", &"(redacted)")
             .field("wrapped_key", &"(redacted)")
             .field("ksf", &self.ksf)
+            .field("oprf_salt", &"(redacted)")
             .finish()
     }
 }
@@ -58,7 +61,8 @@ pub enum Command {
         /// The enrollment the PIN was proven for.
         generation: u64,
     },
-    /// Destroy the record for good.
+    /// Destroy the record for good, if it has no guess left (a command decided on a stale
+    /// view never destroys a record whose budget was restored meanwhile).
     Destroy {
         /// Whose record.
         account: AccountId,
@@ -95,6 +99,11 @@ pub enum Outcome {
     AlreadyDestroyed,
     /// The record was replaced since the command was decided; nothing changed.
     StaleGeneration,
+    /// `Destroy` was refused: the record still has guesses (a correct PIN restored them).
+    GuessesLeft {
+        /// Guesses left.
+        attempts_left: u32,
+    },
 }
 
 /// A live record.
@@ -214,6 +223,9 @@ impl RecordTable {
                 generation,
             } => match self.live(account, *generation) {
                 Err(outcome) => outcome,
+                Ok(record) if record.attempts_left > 0 => Outcome::GuessesLeft {
+                    attempts_left: record.attempts_left,
+                },
                 Ok(_) => self.destroy(account),
             },
         }

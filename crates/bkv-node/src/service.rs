@@ -121,6 +121,7 @@ impl Vault for NodeVault {
         Ok(Response::new(v1::EnrollStartResponse {
             registration_response: started.registration_response,
             fleet_key: started.fleet_key.to_vec(),
+            registration_id: started.registration_id.to_vec(),
         }))
     }
 
@@ -133,7 +134,13 @@ impl Vault for NodeVault {
         let ksf = ksf_from_wire(body.ksf)?;
         let attempts_left = self
             .hsm
-            .enroll_finish(&account, &body.registration_upload, &body.wrapped_key, ksf)
+            .enroll_finish(
+                &account,
+                &body.registration_id,
+                &body.registration_upload,
+                &body.wrapped_key,
+                ksf,
+            )
             .await
             .map_err(|e| self.fail(e))?;
         tracing::debug!(%account, "enrolled");

@@ -278,6 +278,7 @@ async fn malformed_and_oversized_messages_change_nothing() {
         .unwrap_err();
     assert_eq!(reason(&err), Reason::Malformed);
     let bad_ksf = v1::EnrollFinishRequest {
+        registration_id: vec![0; 16],
         registration_upload: vec![0; 192],
         wrapped_key: vec![0; 72],
         ksf: Some(v1::KsfParams {

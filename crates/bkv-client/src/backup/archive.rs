@@ -237,6 +237,10 @@ pub fn unpack<R: Read>(
         let rel = safe_relative(&raw)?;
         check_no_symlink_ancestor(out, &rel)?;
         let dest = out.join(&rel);
+        // Nor onto a link an earlier entry made (a directory entry would chmod its target).
+        if fs::symlink_metadata(&dest).is_ok_and(|m| m.file_type().is_symlink()) {
+            return Err(ArchiveError::UnsafePath(rel.display().to_string()));
+        }
         let kind = entry.header().entry_type();
         match kind {
             tar::EntryType::Directory => {
@@ -255,6 +259,8 @@ pub fn unpack<R: Read>(
                         .map_err(io_err(format!("cannot create {}", parent.display())))?;
                 }
                 stats.bytes += entry.header().size().unwrap_or(0);
+                let special_bits = kind != tar::EntryType::Symlink
+                    && entry.header().mode().is_ok_and(|m| m & 0o7000 != 0);
                 entry.unpack(&dest).map_err(|e| {
                     if e.kind() == io::ErrorKind::InvalidData
                         || e.kind() == io::ErrorKind::UnexpectedEof
@@ -267,6 +273,17 @@ pub fn unpack<R: Read>(
                         }
                     }
                 })?;
+                // Setuid, setgid and sticky bits are never restored from an archive.
+                #[cfg(unix)]
+                if special_bits {
+                    use std::os::unix::fs::PermissionsExt;
+                    let mode = fs::metadata(&dest)
+                        .map_err(io_err(format!("cannot stat {}", dest.display())))?
+                        .permissions()
+                        .mode();
+                    fs::set_permissions(&dest, fs::Permissions::from_mode(mode & 0o777))
+                        .map_err(io_err(format!("cannot set mode of {}", dest.display())))?;
+                }
             }
             other => {
                 return Err(ArchiveError::Unsupported {
@@ -285,7 +302,7 @@ pub fn unpack<R: Read>(
         #[cfg(unix)]
         if let Some(mode) = mode {
             use std::os::unix::fs::PermissionsExt;
-            fs::set_permissions(&dir, fs::Permissions::from_mode(mode & 0o7777))
+            fs::set_permissions(&dir, fs::Permissions::from_mode(mode & 0o777))
                 .map_err(io_err(format!("cannot set mode of {}", dir.display())))?;
         }
         if let Some(mtime) = mtime {

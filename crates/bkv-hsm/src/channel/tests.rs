@@ -169,3 +169,18 @@ fn identity_debug_is_redacted() {
     let (a, _) = member(1, "dc1", CODE);
     assert!(format!("{a:?}").contains("(redacted)"));
 }
+
+#[test]
+fn a_known_peer_cannot_swap_fields_of_its_attestation() {
+    let ((_, ac), (b, _)) = pair();
+    let mut moved = b.attestation().clone();
+    moved.dc = "dc9".into();
+    assert_eq!(ac.admit_peer(&moved), Err(ChannelError::IdentityChanged));
+    let mut other_code = b.attestation().clone();
+    other_code.measurement = [9; 32];
+    assert_eq!(
+        ac.admit_peer(&other_code),
+        Err(ChannelError::IdentityChanged)
+    );
+    assert_eq!(ac.admit_peer(b.attestation()), Ok(()));
+}

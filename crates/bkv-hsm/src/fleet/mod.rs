@@ -15,7 +15,7 @@ pub use network::{BoxFuture, PeerTransport, TransportError};
 
 use crate::channel::{open_secret, seal_secret, Attestation, Envelope, Identity, PeerChannels};
 use crate::error::HsmError;
-use crate::pending::PendingLogins;
+use crate::pending::{PendingLogins, PendingRegistrations};
 use crate::platform::{Platform, PlatformRng};
 use bkv_core::Suite;
 use network::{PeerNetwork, PeerRequest, PeerResponse};
@@ -124,6 +124,11 @@ impl Shared {
         };
         match open_secret(&self.identity, &genesis.fleet_id, &sealed) {
             Ok(bytes) => match ServerSetup::<Suite>::deserialize(&bytes) {
+                Ok(setup)
+                    if setup.keypair().public().serialize().as_slice() != genesis.fleet_key =>
+                {
+                    tracing::error!("the fleet secret sealed to this member does not match the fleet key; not serving");
+                }
                 Ok(setup) => {
                     let _ = self.secret.set(FleetSecret {
                         setup,
@@ -236,6 +241,7 @@ pub struct FleetHsm {
     shared: Arc<Shared>,
     raft: Raft<TypeConfig>,
     pending: Mutex<PendingLogins>,
+    registrations: Mutex<PendingRegistrations>,
     config: HsmConfig,
     membership: tokio::sync::Mutex<()>,
 }
@@ -306,6 +312,7 @@ impl FleetHsm {
             shared,
             raft,
             pending: Mutex::new(PendingLogins::new(config.max_pending_logins)),
+            registrations: Mutex::new(PendingRegistrations::new(config.max_pending_logins)),
             config,
             membership: tokio::sync::Mutex::new(()),
         }))
@@ -400,7 +407,8 @@ impl FleetHsm {
                 "code measurement not approved by this fleet".into(),
             ));
         }
-        let replaced = self.slot_holders(&candidate)?;
+        // Refused early here; decided again under the membership lock in `promote`.
+        self.slot_holders(&candidate)?;
         let admitted = self
             .shared
             .machine()
@@ -428,8 +436,8 @@ impl FleetHsm {
             tracing::info!(dc = %candidate.dc, node_id = candidate.node_id, "member admitted");
         }
         let this = self.clone();
-        let (id, dc) = (candidate.node_id, candidate.dc.clone());
-        tokio::spawn(async move { this.promote(id, dc, replaced).await });
+        let promoted = candidate.clone();
+        tokio::spawn(async move { this.promote(promoted).await });
         let info = postcard::to_allocvec(&JoinInfo { genesis }).expect("join info serializes");
         let sealed = seal_secret(
             self.shared.platform.as_ref(),
@@ -466,9 +474,19 @@ impl FleetHsm {
         Ok(holders)
     }
 
-    /// Adds an admitted member as learner, then swaps it for the silent holders of its slot.
-    async fn promote(&self, id: u64, dc: String, replaced: Vec<u64>) {
+    /// Adds an admitted member as learner, then swaps it for the silent holders of its slot,
+    /// deciding who holds the slot again under the membership lock, so that two joins for
+    /// one slot cannot both win.
+    async fn promote(&self, candidate: Attestation) {
         let _guard = self.membership.lock().await;
+        let (id, dc) = (candidate.node_id, candidate.dc.clone());
+        let replaced = match self.slot_holders(&candidate) {
+            Ok(replaced) => replaced,
+            Err(e) => {
+                tracing::warn!(node_id = id, %dc, error = %e, "not promoting");
+                return;
+            }
+        };
         let add = tokio::time::timeout(
             Duration::from_secs(30),
             self.raft

@@ -116,7 +116,13 @@ async fn enroll(hsm: &FleetHsm, who: &AccountId, pin: &[u8]) {
         BACKUP_KEY,
     );
     let budget = hsm
-        .enroll_finish(who, &finish.message.serialize(), &wrapped, KSF)
+        .enroll_finish(
+            who,
+            &started.registration_id,
+            &finish.message.serialize(),
+            &wrapped,
+            KSF,
+        )
         .await
         .unwrap();
     assert_eq!(budget, hsm.record_status(who).await.unwrap().1);
@@ -398,7 +404,7 @@ async fn malformed_messages_change_nothing() {
             Err(HsmError::Malformed(_))
         ));
         assert!(matches!(
-            hsm.enroll_finish(&alice, bad, b"k", KSF).await,
+            hsm.enroll_finish(&alice, &[0; 16], bad, b"k", KSF).await,
             Err(HsmError::Malformed(_))
         ));
     }
@@ -449,6 +455,7 @@ async fn oversized_wrapped_key_is_refused() {
     assert!(matches!(
         hsm.enroll_finish(
             &alice,
+            &started.registration_id,
             &upload,
             &vec![0; vault::MAX_WRAPPED_KEY_LEN + 1],
             KSF
@@ -819,6 +826,71 @@ async fn fleet_crash_and_recover_from_third(transport: &Arc<LocalTransport>, use
 }
 
 #[tokio::test]
+async fn enroll_start_is_no_pin_oracle_for_the_live_record() {
+    // Each registration gets its own OPRF key: the same blinded PIN evaluates differently
+    // every time, so a token holder cannot use enroll_start to test PINs against a KE2.
+    let (hsm, _) = hsm(10).await;
+    let alice = account("alice");
+    enroll(&hsm, &alice, b"1234").await;
+    let blinded = ClientRegistration::<Suite>::start(&mut OsRng, b"1234")
+        .unwrap()
+        .message
+        .serialize();
+    let first = hsm.enroll_start(&alice, &blinded).await.unwrap();
+    let second = hsm.enroll_start(&alice, &blinded).await.unwrap();
+    assert_ne!(first.registration_response, second.registration_response);
+    assert_eq!(
+        attempts(&hsm, &alice).await,
+        RecordStatus::Active {
+            attempts_left: 10,
+            max_attempts: 10
+        }
+    );
+}
+
+#[tokio::test]
+async fn enroll_finish_needs_its_own_registration() {
+    let (hsm, _) = hsm(10).await;
+    let (alice, bob) = (account("alice"), account("bob"));
+    let start = ClientRegistration::<Suite>::start(&mut OsRng, b"1234").unwrap();
+    let started = hsm
+        .enroll_start(&alice, &start.message.serialize())
+        .await
+        .unwrap();
+    let ksf = argon();
+    let finish = start
+        .state
+        .finish(
+            &mut OsRng,
+            b"1234",
+            RegistrationResponse::deserialize(&started.registration_response).unwrap(),
+            ClientRegistrationFinishParameters::new(Identifiers::default(), Some(&ksf)),
+        )
+        .unwrap();
+    let upload = finish.message.serialize();
+    // Another account cannot finish it, nor can an unknown id.
+    assert_eq!(
+        hsm.enroll_finish(&bob, &started.registration_id, &upload, b"wrapped", KSF)
+            .await,
+        Err(HsmError::LoginUnknown)
+    );
+    assert_eq!(
+        hsm.enroll_finish(&alice, &[7; 16], &upload, b"wrapped", KSF)
+            .await,
+        Err(HsmError::LoginUnknown)
+    );
+    hsm.enroll_finish(&alice, &started.registration_id, &upload, b"wrapped", KSF)
+        .await
+        .unwrap();
+    // Once only.
+    assert_eq!(
+        hsm.enroll_finish(&alice, &started.registration_id, &upload, b"wrapped", KSF)
+            .await,
+        Err(HsmError::LoginUnknown)
+    );
+}
+
+#[tokio::test]
 async fn a_live_slot_is_never_taken_over() {
     let fleet = TestFleet::new(2).await;
     let (impostor, _) = member(&Arc::new(LocalTransport::default()), 77, "dc2", CODE).await;
@@ -879,7 +951,7 @@ mod malformed_input {
                 enroll(&hsm, &alice, b"1234").await;
                 let _ = hsm.recover_start(&alice, &bytes).await;
                 let _ = hsm.enroll_start(&alice, &bytes).await;
-                let _ = hsm.enroll_finish(&alice, &bytes, &bytes, KSF).await;
+                let _ = hsm.enroll_finish(&alice, &login_id, &bytes, &bytes, KSF).await;
                 let _ = hsm.recover_finish(&alice, &login_id, &bytes).await;
                 let _ = hsm.recover_abort(&alice, &login_id).await;
                 assert!(hsm.handle_peer(&bytes).await.is_err());

@@ -4,7 +4,7 @@
 use super::state::{FleetCommand, FleetOutcome};
 use super::FleetHsm;
 use crate::error::{EnrollStarted, HsmError, KeyReleased, RecordStatus, RecoverStarted};
-use crate::pending::{AwaitingKe3, LoginId};
+use crate::pending::{AwaitingKe3, AwaitingUpload, LoginId, RegistrationId};
 use crate::platform::PlatformRng;
 use crate::records::{Command, Enrollment, Outcome, RecordView};
 use bkv_core::seal::{self, release_context, LABEL_KEY_RELEASE};
@@ -49,7 +49,9 @@ impl FleetHsm {
         self.pending.lock().expect("pending logins lock")
     }
 
-    /// Enrollment step 1: evaluates the client's blinded PIN under this account's OPRF key.
+    /// Enrollment step 1: evaluates the client's blinded PIN under a fresh OPRF key for this
+    /// enrollment (a new random salt), never under the live record's key: otherwise a
+    /// token holder could test PINs offline against a KE2 without spending guesses.
     pub async fn enroll_start(
         &self,
         account: &AccountId,
@@ -59,14 +61,29 @@ impl FleetHsm {
             .map_err(|_| HsmError::Malformed("registration request"))?;
         self.check_leader()?;
         let secret = self.shared.secret.get().ok_or(HsmError::NotReady)?;
+        let mut salt = [0u8; 16];
+        self.shared.platform.fill_random(&mut salt);
         let started = ServerRegistration::<Suite>::start(
             &secret.setup,
             request,
-            &account.credential_identifier(),
+            &account.oprf_identifier(&salt),
         )
         .map_err(|_| HsmError::Malformed("registration request"))?;
+        let now = self.shared.platform.now_millis();
+        let awaiting = AwaitingUpload {
+            account: account.clone(),
+            salt,
+            deadline_ms: now + self.config.login_deadline_ms,
+        };
+        let registration_id = self
+            .registrations
+            .lock()
+            .expect("registrations lock")
+            .insert(self.shared.platform.as_ref(), now, awaiting)
+            .ok_or(HsmError::Busy)?;
         Ok(EnrollStarted {
             registration_response: started.message.serialize().to_vec(),
+            registration_id,
             fleet_key: secret.fleet_key,
         })
     }
@@ -75,10 +92,14 @@ impl FleetHsm {
     pub async fn enroll_finish(
         &self,
         account: &AccountId,
+        registration_id: &[u8],
         upload: &[u8],
         wrapped_key: &[u8],
         ksf: KsfParams,
     ) -> Result<u32, HsmError> {
+        let registration_id: RegistrationId = registration_id
+            .try_into()
+            .map_err(|_| HsmError::Malformed("registration id"))?;
         let upload = RegistrationUpload::<Suite>::deserialize(upload)
             .map_err(|_| HsmError::Malformed("registration upload"))?;
         if wrapped_key.is_empty() || wrapped_key.len() > MAX_WRAPPED_KEY_LEN {
@@ -87,11 +108,20 @@ impl FleetHsm {
         let ksf = ksf
             .check()
             .map_err(|_| HsmError::Malformed("Argon2id parameters"))?;
+        self.check_leader()?;
+        let now = self.shared.platform.now_millis();
+        let awaiting = self
+            .registrations
+            .lock()
+            .expect("registrations lock")
+            .take(&registration_id, account, now)
+            .ok_or(HsmError::LoginUnknown)?;
         let registration = ServerRegistration::<Suite>::finish(upload);
         let enrollment = Enrollment {
             registration: Zeroizing::new(registration.serialize().to_vec()),
             wrapped_key: Zeroizing::new(wrapped_key.to_vec()),
             ksf,
+            oprf_salt: awaiting.salt,
         };
         let outcome = self
             .commit_record(Command::Enroll {
@@ -124,7 +154,7 @@ impl FleetHsm {
         // leader still applying, and then SpendGuess is refused as stale, changing nothing.
         self.check_leader()?;
         let now = self.shared.platform.now_millis();
-        if !self.pending().has_room(now) {
+        if !self.pending().has_room(account, now) {
             return Err(HsmError::Busy);
         }
         let generation = self.generation(account)?;
@@ -145,7 +175,7 @@ impl FleetHsm {
             _ => return Err(HsmError::Conflict),
         };
         // The guess is committed by a majority; from here on KE2 may leave.
-        let (password_file, ksf) = {
+        let (password_file, ksf, salt) = {
             let machine = self.shared.machine();
             let RecordView::Active(record) = machine.state.table.get(account) else {
                 return Err(HsmError::Conflict);
@@ -155,14 +185,14 @@ impl FleetHsm {
             }
             let file = ServerRegistration::<Suite>::deserialize(&record.enrollment.registration)
                 .map_err(|_| HsmError::Malformed("stored registration"))?;
-            (file, record.enrollment.ksf)
+            (file, record.enrollment.ksf, record.enrollment.oprf_salt)
         };
         let started = ServerLogin::start(
             &mut PlatformRng(self.shared.platform.as_ref()),
             &secret.setup,
             Some(password_file),
             ke1,
-            &account.credential_identifier(),
+            &account.oprf_identifier(&salt),
             ServerLoginParameters::default(),
         )
         .map_err(|_| HsmError::Malformed("KE1"))?;
@@ -204,6 +234,20 @@ impl FleetHsm {
             .pending()
             .take(&login_id, account, now)
             .ok_or(HsmError::LoginUnknown)?;
+        let generation = login.generation;
+        self.pending().begin_finish(account, generation);
+        let result = self.finish_login(account, &login_id, login, ke3).await;
+        self.pending().end_finish(account, generation);
+        result
+    }
+
+    async fn finish_login(
+        &self,
+        account: &AccountId,
+        login_id: &LoginId,
+        login: AwaitingKe3,
+        ke3: CredentialFinalization<Suite>,
+    ) -> Result<KeyReleased, HsmError> {
         let session = match login
             .server_login
             .finish(ke3, ServerLoginParameters::default())
@@ -237,7 +281,7 @@ impl FleetHsm {
             &mut PlatformRng(self.shared.platform.as_ref()),
             LABEL_KEY_RELEASE,
             &session,
-            &release_context(&login_id, account),
+            &release_context(login_id, account),
             &wrapped_key,
         );
         Ok(KeyReleased {

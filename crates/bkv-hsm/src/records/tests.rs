@@ -13,6 +13,7 @@ fn enrollment(tag: u8) -> Enrollment {
             iterations: 1,
             parallelism: 1,
         },
+        oprf_salt: [tag; 16],
     }
 }
 
@@ -81,9 +82,30 @@ fn guesses_count_down_then_the_record_is_destroyed() {
 }
 
 #[test]
+fn destroy_is_refused_while_guesses_are_left() {
+    // A Destroy decided when the budget was 0 must not land after a correct PIN reset it.
+    let mut table = RecordTable::new();
+    let generation = enroll(&mut table, 1, 1);
+    spend(&mut table, generation);
+    table.apply(&Command::ResetGuesses {
+        account: alice(),
+        generation,
+    });
+    assert_eq!(
+        table.apply(&Command::Destroy {
+            account: alice(),
+            generation
+        }),
+        Outcome::GuessesLeft { attempts_left: 1 }
+    );
+    assert!(matches!(table.get(&alice()), RecordView::Active(_)));
+}
+
+#[test]
 fn destroyed_record_never_comes_back() {
     let mut table = RecordTable::new();
     let generation = enroll(&mut table, 1, 1);
+    spend(&mut table, generation);
     assert_eq!(
         table.apply(&Command::Destroy {
             account: alice(),

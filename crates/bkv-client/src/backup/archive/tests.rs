@@ -183,6 +183,60 @@ fn writing_through_an_archived_symlink_is_refused() {
 }
 
 #[test]
+fn a_directory_entry_onto_an_archived_symlink_is_refused() {
+    // "a -> outside", then directory "a" with mode 0777: restoring must not chmod outside.
+    let dir = tempfile::tempdir().unwrap();
+    let outside = dir.path().join("outside");
+    fs::create_dir(&outside).unwrap();
+    fs::set_permissions(&outside, fs::Permissions::from_mode(0o700)).unwrap();
+    let mut builder = tar::Builder::new(Vec::new());
+    let mut link = tar::Header::new_gnu();
+    link.set_entry_type(tar::EntryType::Symlink);
+    link.set_size(0);
+    builder.append_link(&mut link, "a", &outside).unwrap();
+    let mut directory = tar::Header::new_gnu();
+    directory.set_entry_type(tar::EntryType::Directory);
+    directory.set_size(0);
+    directory.set_mode(0o777);
+    builder
+        .append_data(&mut directory, "a", std::io::empty())
+        .unwrap();
+    let id = identity();
+    let archive = encrypt_raw(&builder.into_inner().unwrap(), &id);
+    let out = dir.path().join("out");
+    fs::create_dir(&out).unwrap();
+    assert!(matches!(
+        unpack(&archive[..], &id, &out),
+        Err(ArchiveError::UnsafePath(_))
+    ));
+    assert_eq!(
+        fs::metadata(&outside).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
+}
+
+#[test]
+fn setuid_bits_are_not_restored() {
+    let mut builder = tar::Builder::new(Vec::new());
+    let mut file = tar::Header::new_gnu();
+    file.set_size(2);
+    file.set_mode(0o4755);
+    builder.append_data(&mut file, "tool", &b"hi"[..]).unwrap();
+    let id = identity();
+    let archive = encrypt_raw(&builder.into_inner().unwrap(), &id);
+    let dir = tempfile::tempdir().unwrap();
+    unpack(&archive[..], &id, dir.path()).unwrap();
+    assert_eq!(
+        fs::metadata(dir.path().join("tool"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777,
+        0o755
+    );
+}
+
+#[test]
 fn hard_links_and_devices_are_refused() {
     let mut builder = tar::Builder::new(Vec::new());
     let mut header = tar::Header::new_gnu();
