@@ -33,6 +33,10 @@ pub enum ClientError {
     /// The vault could not be reached or could not serve; nothing changed.
     #[error("vault unavailable: {0}")]
     Unavailable(String),
+    /// The fleet's leader changed in the middle of a two-step exchange (its pending state
+    /// is gone); a recovery's guess stays spent. Retrying is safe.
+    #[error("interrupted by a change of the vault's leader ({0}); try again")]
+    Interrupted(String),
     /// The vault is not the one this client trusts.
     #[error("trust failure: {0}")]
     Trust(#[from] TrustError),
@@ -76,7 +80,7 @@ impl ClientError {
         match self {
             ClientError::WrongPin { .. } => exit::WRONG_PIN,
             ClientError::NotEnrolled | ClientError::Destroyed => exit::NO_KEY,
-            ClientError::Unavailable(_) => exit::UNAVAILABLE,
+            ClientError::Unavailable(_) | ClientError::Interrupted(_) => exit::UNAVAILABLE,
             ClientError::Trust(_) => exit::TRUST,
             ClientError::Unauthenticated(_)
             | ClientError::Config { .. }
@@ -95,6 +99,7 @@ impl ClientError {
         match (reason, status.code()) {
             (Reason::NotEnrolled, _) => ClientError::NotEnrolled,
             (Reason::Destroyed, _) => ClientError::Destroyed,
+            (Reason::LoginUnknown, _) => ClientError::Interrupted(status.message().to_string()),
             (Reason::LoginFailed, _) => ClientError::WrongPin {
                 attempts_left: detail.map(|d| d.attempts_left).unwrap_or(0),
             },

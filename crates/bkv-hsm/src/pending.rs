@@ -152,6 +152,11 @@ impl PendingRegistrations {
         Some(id)
     }
 
+    /// Puts back a registration whose commit failed, so that the client may retry it.
+    pub(crate) fn restore(&mut self, id: RegistrationId, pending: AwaitingUpload) {
+        self.registrations.insert(id, pending);
+    }
+
     /// Takes registration `id` if it belongs to `account` and is within its deadline.
     pub(crate) fn take(
         &mut self,

@@ -238,6 +238,7 @@ fn error_kind(e: &ClientError) -> String {
         ClientError::NotEnrolled => "not-enrolled",
         ClientError::Destroyed => "destroyed",
         ClientError::Unavailable(_) => "unavailable",
+        ClientError::Interrupted(_) => "interrupted",
         ClientError::Trust(_) => "trust",
         ClientError::Unauthenticated(_) => "unauthenticated",
         ClientError::Config { .. } => "config",
@@ -342,7 +343,20 @@ pub async fn run(args: LoadArgs) -> Result<(), Failure> {
                 if i >= names.len() {
                     return Ok::<(), ClientError>(());
                 }
-                client.enroll(&names[i], pin(), &keys[i]).await?;
+                // Setup rides out a leader change: retry while the fleet says "unavailable".
+                let mut tries = 0;
+                loop {
+                    match client.enroll(&names[i], pin(), &keys[i]).await {
+                        Ok(_) => break,
+                        Err(ClientError::Unavailable(_) | ClientError::Interrupted(_))
+                            if tries < 10 =>
+                        {
+                            tries += 1;
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
             }
         }));
     }

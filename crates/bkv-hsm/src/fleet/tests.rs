@@ -736,6 +736,74 @@ async fn without_a_majority_nothing_is_committed_and_service_resumes_after() {
 }
 
 #[tokio::test]
+async fn an_enrollment_refused_for_want_of_a_majority_can_be_finished_later() {
+    let fleet = TestFleet::new(3).await;
+    let leader = fleet.hsm("dc1");
+    let alice = account("alice");
+    let start = ClientRegistration::<Suite>::start(&mut OsRng, b"1234").unwrap();
+    let started = leader
+        .enroll_start(&alice, &start.message.serialize())
+        .await
+        .unwrap();
+    let ksf = argon();
+    let upload = start
+        .state
+        .finish(
+            &mut OsRng,
+            b"1234",
+            RegistrationResponse::deserialize(&started.registration_response).unwrap(),
+            ClientRegistrationFinishParameters::new(Identifiers::default(), Some(&ksf)),
+        )
+        .unwrap()
+        .message
+        .serialize();
+    let cut: Vec<_> = ["dc2", "dc3"]
+        .iter()
+        .map(|dc| {
+            (
+                dc.to_string(),
+                fleet.transport.members.lock().unwrap().remove(*dc).unwrap(),
+            )
+        })
+        .collect();
+    tokio::time::sleep(std::time::Duration::from_millis(
+        test_config().quorum_freshness_ms + 300,
+    ))
+    .await;
+    let refused = leader
+        .enroll_finish(&alice, &started.registration_id, &upload, b"wrapped", KSF)
+        .await;
+    assert!(
+        matches!(
+            refused,
+            Err(HsmError::Unavailable | HsmError::NotLeader { .. })
+        ),
+        "{refused:?}"
+    );
+    for (dc, hsm) in cut {
+        fleet.transport.members.lock().unwrap().insert(dc, hsm);
+    }
+    let leader = fleet.leader().await;
+    let finished = leader
+        .enroll_finish(&alice, &started.registration_id, &upload, b"wrapped", KSF)
+        .await;
+    if leader.attestation().dc == "dc1" {
+        // Same leader: the registration survived the refused commit.
+        finished.unwrap();
+        assert_eq!(
+            attempts(&leader, &alice).await,
+            RecordStatus::Active {
+                attempts_left: 10,
+                max_attempts: 10
+            }
+        );
+    } else {
+        // A new leader never saw it: the client starts over (and the SDK does so itself).
+        assert_eq!(finished.unwrap_err(), HsmError::LoginUnknown);
+    }
+}
+
+#[tokio::test]
 async fn restarted_member_replaces_the_silent_one_in_its_slot() {
     let fleet = TestFleet::new(3).await;
     let alice = account("alice");

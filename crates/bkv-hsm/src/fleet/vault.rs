@@ -123,13 +123,26 @@ impl FleetHsm {
             ksf,
             oprf_salt: awaiting.salt,
         };
-        let outcome = self
+        let awaiting_again = awaiting;
+        let max_attempts = self.max_attempts()?;
+        let commit = self
             .commit_record(Command::Enroll {
                 account: account.clone(),
                 enrollment,
-                max_attempts: self.max_attempts()?,
+                max_attempts,
             })
-            .await?;
+            .await;
+        let outcome = match commit {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                // Nothing was committed: keep the registration so that the finish can be retried.
+                self.registrations
+                    .lock()
+                    .expect("registrations lock")
+                    .restore(registration_id, awaiting_again);
+                return Err(e);
+            }
+        };
         match outcome {
             Outcome::Enrolled { attempts_left, .. } => {
                 // Logins against the replaced enrollment can no longer succeed.
