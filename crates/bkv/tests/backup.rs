@@ -61,17 +61,20 @@ fn make_tree(root: &Path) {
     .unwrap();
 }
 
-fn backup(
+/// `bkv <verb>` for alice on `device` against `store`, with `tail` and `extra` arguments
+/// and, when given, the PIN on stdin.
+fn for_alice(
     vault: &Vault,
-    src: &Path,
+    verb: &str,
     device: &Path,
     store: &str,
+    tail: &[&str],
     extra: &[&str],
     pin: Option<&str>,
 ) -> std::process::Output {
     let config = vault.config();
     let mut args = vec![
-        "backup",
+        verb,
         "--config",
         config.to_str().unwrap(),
         "--user",
@@ -80,13 +83,32 @@ fn backup(
         device.to_str().unwrap(),
         "--store",
         store,
-        src.to_str().unwrap(),
     ];
+    args.extend_from_slice(tail);
     args.extend_from_slice(extra);
     if pin.is_some() {
         args.push("--pin-stdin");
     }
     run(&args, &pin.map(|p| format!("{p}\n")).unwrap_or_default())
+}
+
+fn backup(
+    vault: &Vault,
+    src: &Path,
+    device: &Path,
+    store: &str,
+    extra: &[&str],
+    pin: Option<&str>,
+) -> std::process::Output {
+    for_alice(
+        vault,
+        "backup",
+        device,
+        store,
+        &[src.to_str().unwrap()],
+        extra,
+        pin,
+    )
 }
 
 fn restore(
@@ -97,25 +119,15 @@ fn restore(
     extra: &[&str],
     pin: Option<&str>,
 ) -> std::process::Output {
-    let config = vault.config();
-    let mut args = vec![
+    for_alice(
+        vault,
         "restore",
-        "--config",
-        config.to_str().unwrap(),
-        "--user",
-        "alice",
-        "--device",
-        device.to_str().unwrap(),
-        "--store",
+        device,
         store,
-        "--out",
-        out.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    if pin.is_some() {
-        args.push("--pin-stdin");
-    }
-    run(&args, &pin.map(|p| format!("{p}\n")).unwrap_or_default())
+        &["--out", out.to_str().unwrap()],
+        extra,
+        pin,
+    )
 }
 
 fn archives(store: &Path) -> Vec<PathBuf> {

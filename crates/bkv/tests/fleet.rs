@@ -305,19 +305,12 @@ fn insider_starting_a_second_fleet_from_the_same_configs_gets_nothing() {
     assert!(text.contains(original["fleet_key"].as_str().unwrap()));
 
     // A client pinned to the first fleet refuses the second.
-    let out = run(
-        &[
-            "key",
-            "recover",
-            "--config",
-            copied_client.to_str().unwrap(),
-            "--user",
-            "alice",
-            "--device",
-            vault.device("stolen").to_str().unwrap(),
-            "--pin-stdin",
-        ],
-        "1234\n",
+    let out = key_with_pin(
+        &copied_client,
+        "recover",
+        "alice",
+        &vault.device("stolen"),
+        "1234",
     );
     assert_fails(&out, 6, "not the pinned fleet key");
     // Pinned to the second fleet instead, alice is simply not there.
@@ -330,19 +323,12 @@ fn insider_starting_a_second_fleet_from_the_same_configs_gets_nothing() {
         ),
     )
     .unwrap();
-    let out = run(
-        &[
-            "key",
-            "recover",
-            "--config",
-            repinned.to_str().unwrap(),
-            "--user",
-            "alice",
-            "--device",
-            vault.device("stolen").to_str().unwrap(),
-            "--pin-stdin",
-        ],
-        "1234\n",
+    let out = key_with_pin(
+        &repinned,
+        "recover",
+        "alice",
+        &vault.device("stolen"),
+        "1234",
     );
     assert_fails(&out, 4, "never enrolled");
     // The first fleet is untouched.

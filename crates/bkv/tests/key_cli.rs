@@ -248,20 +248,7 @@ fn unreachable_vault_is_exit_5() {
     let moved = config.replace(&vault.url, &format!("http://127.0.0.1:{port}"));
     let path = vault.device("offline.toml");
     std::fs::write(&path, moved).unwrap();
-    let out = run(
-        &[
-            "key",
-            "enroll",
-            "--config",
-            path.to_str().unwrap(),
-            "--user",
-            "alice",
-            "--device",
-            vault.device("p").to_str().unwrap(),
-            "--pin-stdin",
-        ],
-        "1234\n",
-    );
+    let out = key_with_pin(&path, "enroll", "alice", &vault.device("p"), "1234");
     assert_fails(&out, 5, "unavailable");
     assert!(!vault.device("p").join("backup.key").exists());
 }
@@ -278,20 +265,7 @@ fn vault_with_another_fleet_key_is_a_trust_failure_and_nothing_is_stored() {
     let impostor = vault.device("impostor.toml");
     std::fs::write(&impostor, config.replace(&pinned, &"ab".repeat(32))).unwrap();
     let device = vault.device("phone");
-    let enroll = run(
-        &[
-            "key",
-            "enroll",
-            "--config",
-            impostor.to_str().unwrap(),
-            "--user",
-            "alice",
-            "--device",
-            device.to_str().unwrap(),
-            "--pin-stdin",
-        ],
-        "1234\n",
-    );
+    let enroll = key_with_pin(&impostor, "enroll", "alice", &device, "1234");
     assert_fails(&enroll, 6, "not the pinned fleet key");
     assert!(
         !device.join("backup.key").exists(),
@@ -304,20 +278,7 @@ fn vault_with_another_fleet_key_is_a_trust_failure_and_nothing_is_stored() {
     );
 
     vault.enroll("alice", &device, "1234");
-    let recover = run(
-        &[
-            "key",
-            "recover",
-            "--config",
-            impostor.to_str().unwrap(),
-            "--user",
-            "alice",
-            "--device",
-            vault.device("p2").to_str().unwrap(),
-            "--pin-stdin",
-        ],
-        "1234\n",
-    );
+    let recover = key_with_pin(&impostor, "recover", "alice", &vault.device("p2"), "1234");
     assert_fails(&recover, 6, "not the pinned fleet key");
     assert!(!vault.device("p2").join("backup.key").exists());
     let status = run(

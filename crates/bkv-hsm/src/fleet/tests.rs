@@ -87,23 +87,35 @@ fn account(user: &str) -> AccountId {
 
 const BACKUP_KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
 
-async fn enroll(hsm: &FleetHsm, who: &AccountId, pin: &[u8]) {
+/// Runs the client side of a registration against `hsm` up to the upload.
+async fn register(
+    hsm: &FleetHsm,
+    who: &AccountId,
+    pin: &[u8],
+) -> (
+    crate::error::EnrollStarted,
+    opaque_ke::ClientRegistrationFinishResult<Suite>,
+) {
     let start = ClientRegistration::<Suite>::start(&mut OsRng, pin).unwrap();
     let started = hsm
         .enroll_start(who, &start.message.serialize())
         .await
         .unwrap();
-    let response = RegistrationResponse::deserialize(&started.registration_response).unwrap();
     let ksf = argon();
     let finish = start
         .state
         .finish(
             &mut OsRng,
             pin,
-            response,
+            RegistrationResponse::deserialize(&started.registration_response).unwrap(),
             ClientRegistrationFinishParameters::new(Identifiers::default(), Some(&ksf)),
         )
         .unwrap();
+    (started, finish)
+}
+
+async fn enroll(hsm: &FleetHsm, who: &AccountId, pin: &[u8]) {
+    let (started, finish) = register(hsm, who, pin).await;
     assert_eq!(
         finish.server_s_pk.serialize().as_slice(),
         &hsm.fleet_key().unwrap()
@@ -436,21 +448,7 @@ async fn malformed_messages_change_nothing() {
 async fn oversized_wrapped_key_is_refused() {
     let (hsm, _) = hsm(10).await;
     let alice = account("alice");
-    let start = ClientRegistration::<Suite>::start(&mut OsRng, b"1234").unwrap();
-    let started = hsm
-        .enroll_start(&alice, &start.message.serialize())
-        .await
-        .unwrap();
-    let ksf = argon();
-    let finish = start
-        .state
-        .finish(
-            &mut OsRng,
-            b"1234",
-            RegistrationResponse::deserialize(&started.registration_response).unwrap(),
-            ClientRegistrationFinishParameters::new(Identifiers::default(), Some(&ksf)),
-        )
-        .unwrap();
+    let (started, finish) = register(&hsm, &alice, b"1234").await;
     let upload = finish.message.serialize();
     assert!(matches!(
         hsm.enroll_finish(
@@ -740,23 +738,8 @@ async fn an_enrollment_refused_for_want_of_a_majority_can_be_finished_later() {
     let fleet = TestFleet::new(3).await;
     let leader = fleet.hsm("dc1");
     let alice = account("alice");
-    let start = ClientRegistration::<Suite>::start(&mut OsRng, b"1234").unwrap();
-    let started = leader
-        .enroll_start(&alice, &start.message.serialize())
-        .await
-        .unwrap();
-    let ksf = argon();
-    let upload = start
-        .state
-        .finish(
-            &mut OsRng,
-            b"1234",
-            RegistrationResponse::deserialize(&started.registration_response).unwrap(),
-            ClientRegistrationFinishParameters::new(Identifiers::default(), Some(&ksf)),
-        )
-        .unwrap()
-        .message
-        .serialize();
+    let (started, finish) = register(&leader, &alice, b"1234").await;
+    let upload = finish.message.serialize();
     let cut: Vec<_> = ["dc2", "dc3"]
         .iter()
         .map(|dc| {
@@ -920,21 +903,7 @@ async fn enroll_start_is_no_pin_oracle_for_the_live_record() {
 async fn enroll_finish_needs_its_own_registration() {
     let (hsm, _) = hsm(10).await;
     let (alice, bob) = (account("alice"), account("bob"));
-    let start = ClientRegistration::<Suite>::start(&mut OsRng, b"1234").unwrap();
-    let started = hsm
-        .enroll_start(&alice, &start.message.serialize())
-        .await
-        .unwrap();
-    let ksf = argon();
-    let finish = start
-        .state
-        .finish(
-            &mut OsRng,
-            b"1234",
-            RegistrationResponse::deserialize(&started.registration_response).unwrap(),
-            ClientRegistrationFinishParameters::new(Identifiers::default(), Some(&ksf)),
-        )
-        .unwrap();
+    let (started, finish) = register(&hsm, &alice, b"1234").await;
     let upload = finish.message.serialize();
     // Another account cannot finish it, nor can an unknown id.
     assert_eq!(

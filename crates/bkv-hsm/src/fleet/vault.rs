@@ -18,6 +18,12 @@ use zeroize::Zeroizing;
 /// Largest wrapped backup key accepted (a 32-byte key sealed with nonce and tag is 72 bytes).
 pub const MAX_WRAPPED_KEY_LEN: usize = 256;
 
+fn parse_login_id(bytes: &[u8]) -> Result<LoginId, HsmError> {
+    bytes
+        .try_into()
+        .map_err(|_| HsmError::Malformed("login id"))
+}
+
 impl FleetHsm {
     async fn commit_record(&self, command: Command) -> Result<Outcome, HsmError> {
         match self.commit(FleetCommand::Record(command)).await? {
@@ -43,6 +49,15 @@ impl FleetHsm {
             RecordView::Destroyed => Err(HsmError::Destroyed),
             RecordView::Active(record) => Ok(record.generation),
         }
+    }
+
+    /// Takes `account`'s pending login `login_id`, on the leader only.
+    fn take_login(&self, account: &AccountId, login_id: &LoginId) -> Result<AwaitingKe3, HsmError> {
+        self.check_leader()?;
+        let now = self.shared.platform.now_millis();
+        self.pending()
+            .take(login_id, account, now)
+            .ok_or(HsmError::LoginUnknown)
     }
 
     fn pending(&self) -> std::sync::MutexGuard<'_, crate::pending::PendingLogins> {
@@ -236,17 +251,10 @@ impl FleetHsm {
         login_id: &[u8],
         ke3: &[u8],
     ) -> Result<KeyReleased, HsmError> {
-        let login_id: LoginId = login_id
-            .try_into()
-            .map_err(|_| HsmError::Malformed("login id"))?;
+        let login_id = parse_login_id(login_id)?;
         let ke3 = CredentialFinalization::<Suite>::deserialize(ke3)
             .map_err(|_| HsmError::Malformed("KE3"))?;
-        self.check_leader()?;
-        let now = self.shared.platform.now_millis();
-        let login = self
-            .pending()
-            .take(&login_id, account, now)
-            .ok_or(HsmError::LoginUnknown)?;
+        let login = self.take_login(account, &login_id)?;
         let generation = login.generation;
         self.pending().begin_finish(account, generation);
         let result = self.finish_login(account, &login_id, login, ke3).await;
@@ -310,15 +318,8 @@ impl FleetHsm {
         account: &AccountId,
         login_id: &[u8],
     ) -> Result<bool, HsmError> {
-        let login_id: LoginId = login_id
-            .try_into()
-            .map_err(|_| HsmError::Malformed("login id"))?;
-        self.check_leader()?;
-        let now = self.shared.platform.now_millis();
-        let login = self
-            .pending()
-            .take(&login_id, account, now)
-            .ok_or(HsmError::LoginUnknown)?;
+        let login_id = parse_login_id(login_id)?;
+        let login = self.take_login(account, &login_id)?;
         self.destroy_if_exhausted(account, login.generation).await?;
         Ok(matches!(
             self.shared.machine().state.table.get(account),

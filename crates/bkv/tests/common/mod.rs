@@ -93,23 +93,12 @@ impl Vault {
 
     /// Enrolls `user` on `device` with `pin`; asserts success.
     pub fn enroll(&self, user: &str, device: &Path, pin: &str) {
-        let out = self.key(
-            "enroll",
-            user,
-            &["--device", device.to_str().unwrap(), "--pin-stdin"],
-            &format!("{pin}\n"),
-        );
-        assert_success(&out);
+        assert_success(&key_with_pin(&self.config(), "enroll", user, device, pin));
     }
 
     /// Recovers `user` onto `device` with `pin`.
     pub fn recover(&self, user: &str, device: &Path, pin: &str) -> Output {
-        self.key(
-            "recover",
-            user,
-            &["--device", device.to_str().unwrap(), "--pin-stdin"],
-            &format!("{pin}\n"),
-        )
+        key_with_pin(&self.config(), "recover", user, device, pin)
     }
 
     /// `bkv key status --json` for `user`, parsed.
@@ -253,6 +242,24 @@ pub fn signal(pid: u32, signal: &str) {
         .status()
         .unwrap();
     assert!(status.success(), "kill -{signal} {pid}");
+}
+
+/// `bkv key <verb> --config <config> --user <user> --device <device> --pin-stdin` with `pin`.
+pub fn key_with_pin(config: &Path, verb: &str, user: &str, device: &Path, pin: &str) -> Output {
+    run(
+        &[
+            "key",
+            verb,
+            "--config",
+            config.to_str().unwrap(),
+            "--user",
+            user,
+            "--device",
+            device.to_str().unwrap(),
+            "--pin-stdin",
+        ],
+        &format!("{pin}\n"),
+    )
 }
 
 /// Runs `bkv` with `args`, feeding `stdin`.
