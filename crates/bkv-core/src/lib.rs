@@ -8,6 +8,7 @@
 
 pub mod account;
 pub mod auth;
+pub mod bundle;
 pub mod seal;
 pub mod suite;
 pub mod wan;
