@@ -13,6 +13,9 @@ pub const LABEL_BACKUP_KEY_WRAP: &[u8] = b"bkv/v1/backup-key-wrap";
 /// Label for the key, derived from the OPAQUE session key, that seals the released wrapped key.
 pub const LABEL_KEY_RELEASE: &[u8] = b"bkv/v1/key-release";
 
+/// Label of the AEAD that releases a retire ticket under the OPAQUE session key.
+pub const LABEL_RETIRE_TICKET_RELEASE: &[u8] = b"bkv/v1/retire-ticket-release";
+
 const NONCE_LEN: usize = 24;
 const TAG_LEN: usize = 16;
 

@@ -68,7 +68,12 @@ pub enum ChannelError {
     UnknownPeer(u64),
 }
 
-fn statement(dc: &str, node_id: u64, channel_key: &[u8; 32], measurement: &[u8; 32]) -> Vec<u8> {
+pub(crate) fn statement(
+    dc: &str,
+    node_id: u64,
+    channel_key: &[u8; 32],
+    measurement: &[u8; 32],
+) -> Vec<u8> {
     let mut s = Vec::with_capacity(ATTESTATION_LABEL.len() + dc.len() + 80);
     s.extend_from_slice(ATTESTATION_LABEL);
     s.extend_from_slice(&(dc.len() as u32).to_be_bytes());

@@ -85,6 +85,9 @@ pub struct KeyReleased {
     pub sealed_wrapped_key: Vec<u8>,
     /// The full budget again.
     pub attempts_left: u32,
+    /// A ticket that lets the client retire this enrollment once it has moved to another
+    /// fleet, sealed like the key.
+    pub sealed_retire_ticket: Vec<u8>,
 }
 
 /// Public state of one record.

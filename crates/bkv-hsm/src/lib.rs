@@ -13,6 +13,7 @@
 
 pub mod channel;
 mod error;
+pub mod evidence;
 pub mod fleet;
 mod pending;
 pub mod platform;

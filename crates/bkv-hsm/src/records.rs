@@ -61,6 +61,14 @@ pub enum Command {
         /// The enrollment the PIN was proven for.
         generation: u64,
     },
+    /// Destroy the record because its owner moved it to another fleet (proven by a correct
+    /// PIN on this enrollment: see `FleetHsm::retire`).
+    Retire {
+        /// Whose record.
+        account: AccountId,
+        /// The enrollment the PIN was proven for.
+        generation: u64,
+    },
     /// Destroy the record for good, if it has no guess left (a command decided on a stale
     /// view never destroys a record whose budget was restored meanwhile).
     Destroy {
@@ -93,6 +101,8 @@ pub enum Outcome {
     },
     /// The record was destroyed by this command.
     Destroyed,
+    /// The record was retired (destroyed at its owner's request) by this command.
+    Retired,
     /// There is no record for the account.
     NotEnrolled,
     /// The record had already been destroyed.
@@ -216,6 +226,16 @@ impl RecordTable {
                     Outcome::GuessesReset {
                         attempts_left: record.attempts_left,
                     }
+                }
+            },
+            Command::Retire {
+                account,
+                generation,
+            } => match self.live(account, *generation) {
+                Err(outcome) => outcome,
+                Ok(_) => {
+                    self.destroy(account);
+                    Outcome::Retired
                 }
             },
             Command::Destroy {

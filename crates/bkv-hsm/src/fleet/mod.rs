@@ -352,12 +352,26 @@ impl FleetHsm {
         fleet_key.copy_from_slice(&setup.keypair().public().serialize());
         let mut fleet_id = [0u8; 32];
         self.shared.platform.fill_random(&mut fleet_id);
+        let approved_measurements = vec![self.shared.platform.measurement()];
+        // The ceremony transcript is signed here, inside the founding HSM, by its platform.
+        let ceremony_signature = self
+            .shared
+            .platform
+            .certify(&crate::evidence::ceremony_statement(
+                &fleet_id,
+                &fleet_key,
+                max_attempts,
+                &approved_measurements,
+                self.attestation(),
+            ))
+            .to_vec();
         let genesis = Genesis {
             fleet_id,
             fleet_key,
             max_attempts,
-            approved_measurements: vec![self.shared.platform.measurement()],
+            approved_measurements,
             founder: self.attestation().clone(),
+            ceremony_signature,
         };
         let _ = self.shared.secret.set(FleetSecret { setup, fleet_key });
         match self.commit(FleetCommand::Found(genesis)).await? {
@@ -587,6 +601,17 @@ impl FleetHsm {
             .seal(from, envelope.counter, &plain)
             .map_err(|e| HsmError::PeerRefused(e.to_string()))?;
         Ok(postcard::to_allocvec(&answer).expect("an envelope serializes"))
+    }
+
+    /// Evidence of this fleet's deployment (ceremony and admitted members' attestations),
+    /// from this member's applied state.
+    pub fn evidence(&self) -> Result<bkv_core::bundle::Evidence, HsmError> {
+        let machine = self.shared.machine();
+        let genesis = machine.state.genesis.as_ref().ok_or(HsmError::NotReady)?;
+        Ok(crate::evidence::evidence(
+            genesis,
+            &machine.state.admissions,
+        ))
     }
 
     /// This member's view of itself and the fleet.

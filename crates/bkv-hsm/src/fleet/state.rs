@@ -20,6 +20,9 @@ pub struct Genesis {
     pub approved_measurements: Vec<[u8; 32]>,
     /// The founding HSM's attestation.
     pub founder: Attestation,
+    /// The founding HSM's platform signature over the ceremony
+    /// ([`crate::evidence::ceremony_statement`]).
+    pub ceremony_signature: Vec<u8>,
 }
 
 /// A member's admission: its attestation and the fleet secret sealed to it.
@@ -133,6 +136,7 @@ mod tests {
             max_attempts: 10,
             approved_measurements: vec![[3; 32]],
             founder: attestation(1, [3; 32]),
+            ceremony_signature: vec![],
         }
     }
 

@@ -1005,3 +1005,126 @@ mod malformed_input {
         }
     }
 }
+
+/// Recovers with the right PIN and opens the retire ticket the HSM released.
+async fn recover_ticket(hsm: &FleetHsm, who: &AccountId, pin: &[u8]) -> Vec<u8> {
+    let answer = start_login(hsm, who, pin).await.unwrap();
+    let (ke3, session, _) = answer.ke3.expect("right PIN");
+    let released = hsm
+        .recover_finish(who, &answer.login_id, &ke3)
+        .await
+        .unwrap();
+    seal::open(
+        bkv_core::seal::LABEL_RETIRE_TICKET_RELEASE,
+        &session,
+        &release_context(&answer.login_id, who),
+        &released.sealed_retire_ticket,
+    )
+    .unwrap()
+    .to_vec()
+}
+
+#[tokio::test]
+async fn a_retire_ticket_from_a_correct_pin_retires_that_enrollment_only() {
+    let (hsm, _) = hsm(10).await;
+    let alice = account("alice");
+    let bob = account("bob");
+    enroll(&hsm, &alice, b"1234").await;
+    enroll(&hsm, &bob, b"1234").await;
+    let ticket = recover_ticket(&hsm, &alice, b"1234").await;
+    assert_eq!(ticket.len(), vault::RETIRE_TICKET_LEN);
+    // Not for bob, not forged, not truncated.
+    assert_eq!(hsm.retire(&bob, &ticket).await, Err(HsmError::LoginUnknown));
+    let mut forged = ticket.clone();
+    forged[20] ^= 1;
+    assert_eq!(
+        hsm.retire(&alice, &forged).await,
+        Err(HsmError::LoginUnknown)
+    );
+    let mut other_generation = ticket.clone();
+    other_generation[7] ^= 1;
+    assert_eq!(
+        hsm.retire(&alice, &other_generation).await,
+        Err(HsmError::LoginUnknown)
+    );
+    assert!(matches!(
+        hsm.retire(&alice, &ticket[..10]).await,
+        Err(HsmError::Malformed(_))
+    ));
+    assert!(matches!(
+        attempts(&hsm, &alice).await,
+        RecordStatus::Active { .. }
+    ));
+    assert!(matches!(
+        attempts(&hsm, &bob).await,
+        RecordStatus::Active { .. }
+    ));
+    // The real one retires alice's record, and only hers.
+    hsm.retire(&alice, &ticket).await.unwrap();
+    assert_eq!(attempts(&hsm, &alice).await, RecordStatus::Destroyed);
+    assert!(matches!(
+        attempts(&hsm, &bob).await,
+        RecordStatus::Active { .. }
+    ));
+    // After a re-enrollment the old ticket is worthless.
+    enroll(&hsm, &alice, b"9999").await;
+    assert_eq!(
+        hsm.retire(&alice, &ticket).await,
+        Err(HsmError::LoginUnknown)
+    );
+    assert!(matches!(
+        attempts(&hsm, &alice).await,
+        RecordStatus::Active { .. }
+    ));
+}
+
+#[tokio::test]
+async fn a_ticket_from_another_fleet_retires_nothing() {
+    let (one, _) = hsm(10).await;
+    // Another seed: another fleet with its own secrets.
+    let transport = Arc::new(LocalTransport::default());
+    let (two, _) = member(&transport, 8, "dc1", CODE).await;
+    two.found(10).await.unwrap();
+    assert_ne!(one.fleet_key(), two.fleet_key());
+    let alice = account("alice");
+    enroll(&one, &alice, b"1234").await;
+    enroll(&two, &alice, b"1234").await;
+    let ticket = recover_ticket(&one, &alice, b"1234").await;
+    assert_eq!(
+        two.retire(&alice, &ticket).await,
+        Err(HsmError::LoginUnknown)
+    );
+    assert!(matches!(
+        attempts(&two, &alice).await,
+        RecordStatus::Active { .. }
+    ));
+}
+
+#[tokio::test]
+async fn deployment_evidence_verifies_and_tampering_is_caught() {
+    use bkv_core::bundle::{FleetEntry, Role};
+    let fleet = TestFleet::new(3).await;
+    let leader = fleet.leader().await;
+    let evidence = leader.evidence().unwrap();
+    assert_eq!(evidence.members.len(), 3);
+    let entry = FleetEntry {
+        fleet_key: hex::encode(leader.fleet_key().unwrap()),
+        role: Role::Active,
+        evidence,
+    };
+    let root = crate::evidence::verify_evidence(&entry).unwrap();
+    assert_eq!(hex::encode(root), entry.evidence.ceremony.founder.root);
+    let mut other_key = entry.clone();
+    other_key.fleet_key = "00".repeat(32);
+    assert!(crate::evidence::verify_evidence(&other_key).is_err());
+    let mut more_guesses = entry.clone();
+    more_guesses.evidence.ceremony.max_attempts += 1;
+    assert!(crate::evidence::verify_evidence(&more_guesses).is_err());
+    let mut rogue_member = entry.clone();
+    rogue_member.evidence.members[1].measurement = "ee".repeat(32);
+    assert!(crate::evidence::verify_evidence(&rogue_member).is_err());
+    let mut swapped_ceremony_key = entry.clone();
+    swapped_ceremony_key.evidence.ceremony.fleet_key = "00".repeat(32);
+    swapped_ceremony_key.fleet_key = "00".repeat(32);
+    assert!(crate::evidence::verify_evidence(&swapped_ceremony_key).is_err());
+}

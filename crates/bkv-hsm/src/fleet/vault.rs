@@ -7,16 +7,28 @@ use crate::error::{EnrollStarted, HsmError, KeyReleased, RecordStatus, RecoverSt
 use crate::pending::{AwaitingKe3, AwaitingUpload, LoginId, RegistrationId};
 use crate::platform::PlatformRng;
 use crate::records::{Command, Enrollment, Outcome, RecordView};
-use bkv_core::seal::{self, release_context, LABEL_KEY_RELEASE};
+use bkv_core::seal::{self, release_context, LABEL_KEY_RELEASE, LABEL_RETIRE_TICKET_RELEASE};
 use bkv_core::{AccountId, KsfParams, Suite};
+use hmac::{Hmac, Mac};
 use opaque_ke::{
     CredentialFinalization, CredentialRequest, RegistrationRequest, RegistrationUpload,
     ServerLogin, ServerLoginParameters, ServerRegistration,
 };
+use sha2::Sha256;
+use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
 /// Largest wrapped backup key accepted (a 32-byte key sealed with nonce and tag is 72 bytes).
 pub const MAX_WRAPPED_KEY_LEN: usize = 256;
+
+/// Label of the key that authenticates retire tickets, derived from the fleet secrets.
+const LABEL_RETIRE_KEY: &[u8] = b"bkv/v1/retire-ticket-key";
+
+/// Label of a retire ticket's MAC.
+const LABEL_RETIRE_MAC: &[u8] = b"bkv/v1/retire-ticket\0";
+
+/// A retire ticket: the enrollment's generation and a MAC binding it to fleet and account.
+pub const RETIRE_TICKET_LEN: usize = 8 + 32;
 
 fn parse_login_id(bytes: &[u8]) -> Result<LoginId, HsmError> {
     bytes
@@ -298,17 +310,74 @@ impl FleetHsm {
                 _ => return Err(HsmError::LoginUnknown),
             }
         };
+        let context = release_context(login_id, account);
         let sealed_wrapped_key = seal::seal(
             &mut PlatformRng(self.shared.platform.as_ref()),
             LABEL_KEY_RELEASE,
             &session,
-            &release_context(login_id, account),
+            &context,
             &wrapped_key,
+        );
+        let mut ticket = Zeroizing::new(Vec::with_capacity(RETIRE_TICKET_LEN));
+        ticket.extend_from_slice(&login.generation.to_be_bytes());
+        ticket.extend_from_slice(&self.retire_mac(account, login.generation)?);
+        let sealed_retire_ticket = seal::seal(
+            &mut PlatformRng(self.shared.platform.as_ref()),
+            LABEL_RETIRE_TICKET_RELEASE,
+            &session,
+            &context,
+            &ticket,
         );
         Ok(KeyReleased {
             sealed_wrapped_key,
             attempts_left,
+            sealed_retire_ticket,
         })
+    }
+
+    fn retire_mac(&self, account: &AccountId, generation: u64) -> Result<[u8; 32], HsmError> {
+        let secret = self.shared.secret.get().ok_or(HsmError::NotReady)?;
+        let ikm = Zeroizing::new(secret.setup.serialize().to_vec());
+        let key = seal::derive_key(LABEL_RETIRE_KEY, &ikm, &secret.fleet_key);
+        let mut mac = Hmac::<Sha256>::new_from_slice(&key[..]).expect("HMAC takes any key length");
+        let account = account.to_string();
+        mac.update(LABEL_RETIRE_MAC);
+        mac.update(&secret.fleet_key);
+        mac.update(&(account.len() as u32).to_be_bytes());
+        mac.update(account.as_bytes());
+        mac.update(&generation.to_be_bytes());
+        Ok(mac.finalize().into_bytes().into())
+    }
+
+    /// Retires `account`'s record after its owner moved to another fleet: `ticket` comes
+    /// from a correct PIN on this very enrollment. A ticket of another fleet, or of an
+    /// enrollment since replaced, changes nothing ([`HsmError::LoginUnknown`]).
+    pub async fn retire(&self, account: &AccountId, ticket: &[u8]) -> Result<(), HsmError> {
+        let ticket: &[u8; RETIRE_TICKET_LEN] = ticket
+            .try_into()
+            .map_err(|_| HsmError::Malformed("retire ticket"))?;
+        self.check_leader()?;
+        let mut generation = [0u8; 8];
+        generation.copy_from_slice(&ticket[..8]);
+        let generation = u64::from_be_bytes(generation);
+        let expected = self.retire_mac(account, generation)?;
+        if !bool::from(expected.ct_eq(&ticket[8..])) {
+            return Err(HsmError::LoginUnknown);
+        }
+        match self
+            .commit_record(Command::Retire {
+                account: account.clone(),
+                generation,
+            })
+            .await?
+        {
+            Outcome::Retired | Outcome::AlreadyDestroyed => {
+                tracing::info!(%account, "record retired: its owner moved to another fleet");
+                Ok(())
+            }
+            Outcome::NotEnrolled => Err(HsmError::NotEnrolled),
+            _ => Err(HsmError::LoginUnknown),
+        }
     }
 
     /// The client could not open KE2 (wrong PIN): drops the login, and destroys the record

@@ -255,3 +255,25 @@ fn debug_output_redacts_secrets() {
     assert!(text.contains("(redacted)"));
     assert!(!text.contains("171"), "raw bytes must not appear: {text}");
 }
+
+#[test]
+fn retire_destroys_only_the_enrollment_it_names() {
+    let mut table = RecordTable::default();
+    let first = enroll(&mut table, 1, 3);
+    let second = enroll(&mut table, 2, 3);
+    let retire = |g| Command::Retire {
+        account: alice(),
+        generation: g,
+    };
+    // A ticket from the replaced enrollment changes nothing.
+    assert_eq!(table.apply(&retire(first)), Outcome::StaleGeneration);
+    assert!(matches!(table.get(&alice()), RecordView::Active(_)));
+    // The live one is retired whatever its budget, and stays gone.
+    assert_eq!(table.apply(&retire(second)), Outcome::Retired);
+    assert_eq!(table.get(&alice()), RecordView::Destroyed);
+    assert_eq!(table.apply(&retire(second)), Outcome::AlreadyDestroyed);
+    // A later enrollment gets a newer generation, so old tickets cannot reach it.
+    let third = enroll(&mut table, 3, 3);
+    assert!(third > second);
+    assert_eq!(table.apply(&retire(second)), Outcome::StaleGeneration);
+}
