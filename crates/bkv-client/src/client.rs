@@ -1,10 +1,12 @@
 //! `VaultClient`: the SDK's entry point, carrying the typed flows over gRPC.
 
 use crate::config::ClientConfig;
-use crate::error::{ClientError, TrustError};
+use crate::error::ClientError;
 use crate::flow::{EnrollmentStarted, Ke2, Ke2Outcome, RecoveryStarted};
 use crate::secrets::{BackupKey, Pin};
 use crate::token::TokenSource;
+use crate::trust::Trust;
+use bkv_core::bundle::Role;
 use bkv_core::v1::{self, vault_client::VaultClient as Grpc};
 use bkv_core::{AccountId, KsfParams, MAX_MESSAGE_BYTES};
 use rand_core::OsRng;
@@ -41,6 +43,20 @@ pub struct Recovered {
     pub key: BackupKey,
     /// Guesses left (the full budget).
     pub attempts_left: u32,
+    /// The record was on a recover-only fleet: what became of moving it to the active one.
+    pub moved: Option<Moved>,
+}
+
+/// The outcome of moving a record from a recover-only fleet to the active fleet.
+#[derive(Debug)]
+pub enum Moved {
+    /// Enrolled in the active fleet (same key, same PIN, full budget); the old record is retired.
+    Done {
+        /// Hex of the fleet the record left.
+        from: String,
+    },
+    /// The key is recovered, but the move failed; the next recovery tries again.
+    Failed(String),
 }
 
 /// The frontend's endpoint, with the client's timeouts; connected on first use.
@@ -64,11 +80,12 @@ pub async fn fleet_status(config: &ClientConfig) -> Result<v1::FleetStatusRespon
         .map_err(ClientError::from_status)
 }
 
-/// A connection to one vault, trusting one pinned fleet key. Clones share the connection.
+/// A connection to one vault, trusting a pinned fleet key or fleets a validation bundle
+/// lists. Clones share the connection and the trust state.
 #[derive(Clone)]
 pub struct VaultClient {
     grpc: Grpc<Channel>,
-    pinned: [u8; 32],
+    trust: Trust,
     tokens: TokenSource,
     tenant: String,
     ksf: KsfParams,
@@ -77,10 +94,21 @@ pub struct VaultClient {
 impl std::fmt::Debug for VaultClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VaultClient")
-            .field("pinned", &hex::encode(self.pinned))
+            .field("trust", &self.trust)
             .field("tokens", &self.tokens)
             .finish()
     }
+}
+
+/// Asks the frontend of `config` for its current validation bundle (empty if none).
+pub async fn fetch_bundle(config: &ClientConfig) -> Result<Vec<u8>, ClientError> {
+    let endpoint = endpoint(config)?;
+    let mut grpc = Grpc::new(endpoint.connect_lazy())
+        .max_decoding_message_size(bkv_core::bundle::MAX_BUNDLE_BYTES + MAX_MESSAGE_BYTES);
+    grpc.bundle(v1::BundleRequest {})
+        .await
+        .map(|r| r.into_inner().bundle)
+        .map_err(ClientError::from_status)
 }
 
 impl VaultClient {
@@ -88,11 +116,11 @@ impl VaultClient {
     pub fn new(config: &ClientConfig, tokens: TokenSource) -> Result<Self, ClientError> {
         let endpoint = endpoint(config)?;
         let grpc = Grpc::new(endpoint.connect_lazy())
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES + bkv_core::bundle::MAX_BUNDLE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         Ok(Self {
             grpc,
-            pinned: config.pinned_fleet_key()?,
+            trust: Trust::from_config(config)?,
             tokens,
             tenant: config.tenant.clone(),
             ksf: config.ksf.check().map_err(|e| ClientError::Config {
@@ -102,19 +130,20 @@ impl VaultClient {
         })
     }
 
-    /// Interprets a refusal; one from a fleet other than the pinned one is a trust failure,
-    /// whatever it claims.
+    /// Interprets a refusal; one from a fleet this client does not trust is a trust
+    /// failure, whatever it claims.
     fn refused(&self, status: tonic::Status) -> ClientError {
         if let Some(detail) = bkv_core::error_detail(&status) {
-            if !detail.fleet_key.is_empty() && detail.fleet_key != self.pinned {
-                return TrustError::FleetKeyMismatch {
-                    presented: hex::encode(&detail.fleet_key),
-                    pinned: hex::encode(self.pinned),
-                }
-                .into();
+            if let Some(foreign) = self.trust.foreign(&detail.fleet_key) {
+                return foreign.into();
             }
         }
         ClientError::from_status(status)
+    }
+
+    /// This client's trust decisions.
+    pub fn trust(&self) -> &Trust {
+        &self.trust
     }
 
     fn account(&self, user: &str) -> Result<AccountId, ClientError> {
@@ -157,8 +186,11 @@ impl VaultClient {
             .map_err(|s| self.refused(s))?
             .into_inner();
         let response_id = response.registration_id.clone();
+        // New enrollments go to the active fleet only; nothing more is sent otherwise.
+        let (pinned, _) =
+            self.trust
+                .admit(&response.fleet_key, &response.bundle, &[Role::Active])?;
         // Argon2id runs on a blocking thread: it takes tens of milliseconds and megabytes.
-        let pinned = self.pinned;
         let key = key.clone();
         let upload = tokio::task::spawn_blocking(move || {
             started.finish(
@@ -191,9 +223,11 @@ impl VaultClient {
     }
 
     /// Recovers `user`'s key with `pin`. Spends one guess, given back if the PIN is right.
+    /// A record found on a recover-only fleet is moved to the active fleet (same key, same
+    /// PIN, full budget) and the old one retired.
     pub async fn recover(&mut self, user: &str, pin: Pin) -> Result<Recovered, ClientError> {
         let account = self.account(user)?;
-        let (started, ke1) = RecoveryStarted::begin(&mut OsRng, account, pin)?;
+        let (started, ke1) = RecoveryStarted::begin(&mut OsRng, account, pin.clone())?;
         let answer = self
             .grpc
             .recover_start(self.request(user, v1::RecoverStartRequest { ke1 })?)
@@ -208,7 +242,12 @@ impl VaultClient {
                 parallelism: k.parallelism,
             })
             .unwrap_or(self.ksf);
-        let pinned = self.pinned;
+        // Decided before KE3: a fleet the client does not trust learns nothing more.
+        let (pinned, role) = self.trust.admit(
+            &answer.fleet_key,
+            &answer.bundle,
+            &[Role::Active, Role::RecoverOnly],
+        )?;
         let ke2 = answer.ke2.clone();
         let fleet_key = answer.fleet_key.clone();
         let outcome = tokio::task::spawn_blocking(move || {
@@ -250,11 +289,53 @@ impl VaultClient {
             .await
             .map_err(|s| self.refused(s))?
             .into_inner();
+        let ticket = match role {
+            Role::RecoverOnly => {
+                Some(proven.open_ticket(&answer.login_id, &released.sealed_retire_ticket)?)
+            }
+            _ => None,
+        };
         let key = proven.open(&answer.login_id, &released.sealed_wrapped_key)?;
+        let moved = match ticket {
+            None => None,
+            Some(ticket) => Some(self.move_record(user, pin, &key, ticket, &pinned).await),
+        };
         Ok(Recovered {
             key,
             attempts_left: released.attempts_left,
+            moved,
         })
+    }
+
+    /// Enrolls `key` in the active fleet, then retires the record on the old one. The old
+    /// record goes only once the new one is committed, so a failure loses nothing.
+    async fn move_record(
+        &mut self,
+        user: &str,
+        pin: Pin,
+        key: &BackupKey,
+        ticket: zeroize::Zeroizing<Vec<u8>>,
+        from: &[u8; 32],
+    ) -> Moved {
+        if let Err(e) = self.enroll(user, pin, key).await {
+            return Moved::Failed(format!("enrolling in the active fleet: {e}"));
+        }
+        let retire = v1::RetireRequest {
+            ticket: ticket.to_vec(),
+        };
+        let request = match self.request(user, retire) {
+            Ok(r) => r,
+            Err(e) => return Moved::Failed(e.to_string()),
+        };
+        match self.grpc.retire(request).await {
+            Ok(_) => Moved::Done {
+                from: hex::encode(from),
+            },
+            Err(status) => Moved::Failed(format!(
+                "enrolled in the active fleet, but the old record was not retired: {}",
+                self.refused(status)
+            )),
+        }
     }
 
     /// The public state of `user`'s record.
@@ -266,13 +347,11 @@ impl VaultClient {
             .await
             .map_err(|s| self.refused(s))?
             .into_inner();
-        if answer.fleet_key != self.pinned {
-            return Err(TrustError::FleetKeyMismatch {
-                presented: hex::encode(&answer.fleet_key),
-                pinned: hex::encode(self.pinned),
-            }
-            .into());
-        }
+        self.trust.admit(
+            &answer.fleet_key,
+            &answer.bundle,
+            &[Role::Active, Role::RecoverOnly],
+        )?;
         let state = match v1::RecordState::try_from(answer.state) {
             Ok(v1::RecordState::NotEnrolled) => RecordState::NotEnrolled,
             Ok(v1::RecordState::Active) => RecordState::Active,

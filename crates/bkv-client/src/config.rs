@@ -3,7 +3,7 @@
 use crate::error::ClientError;
 use bkv_core::KsfParams;
 use serde::{Deserialize, Serialize};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Largest client config accepted.
 const MAX_CONFIG_BYTES: u64 = 64 * 1024;
@@ -30,6 +30,51 @@ pub struct ClientConfig {
     /// The simulated latency profile the dev fleet runs with, if any (for benchmarks).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wan: Option<String>,
+    /// Over-the-air mode: trust fleets that a validation bundle signed by this witness and
+    /// counter-signed by this operator lists. With `fleet_key` also set, both must agree.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub over_the_air: Option<OverTheAir>,
+    /// The directory relative paths are taken from (the config file's).
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+}
+
+/// The keys an over-the-air client pins instead of fleet keys.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OverTheAir {
+    /// The witness's Ed25519 key (hex).
+    pub witness_key: String,
+    /// The operator's Ed25519 key (hex).
+    pub operator_key: String,
+    /// The witness namespace the vault's bundles are published in.
+    pub namespace: String,
+    /// Where the client remembers the highest epoch it has seen (relative to the config).
+    #[serde(default = "default_trust_state")]
+    pub state: PathBuf,
+}
+
+fn default_trust_state() -> PathBuf {
+    PathBuf::from("trust-state.json")
+}
+
+fn parse_hex_key(text: &str, what: &str) -> Result<[u8; 32], ClientError> {
+    let mut key = [0u8; 32];
+    hex::decode_to_slice(text.trim(), &mut key).map_err(|_| ClientError::Config {
+        path: what.into(),
+        reason: "must be 64 hex digits".into(),
+    })?;
+    Ok(key)
+}
+
+impl OverTheAir {
+    /// The pinned witness and operator keys.
+    pub fn keys(&self) -> Result<bkv_core::bundle::BundleKeys, ClientError> {
+        Ok(bkv_core::bundle::BundleKeys {
+            witness: parse_hex_key(&self.witness_key, "over_the_air.witness_key")?,
+            operator: parse_hex_key(&self.operator_key, "over_the_air.operator_key")?,
+        })
+    }
 }
 
 /// The development token key written by `bkv up`.
@@ -49,6 +94,7 @@ impl std::fmt::Debug for ClientConfig {
             .field("tenant", &self.tenant)
             .field("ksf", &self.ksf)
             .field("dev", &self.dev.as_ref().map(|_| "(redacted)"))
+            .field("over_the_air", &self.over_the_air)
             .finish()
     }
 }
@@ -69,10 +115,18 @@ impl ClientConfig {
             return Err(bad(format!("larger than {MAX_CONFIG_BYTES} bytes")));
         }
         let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
-        let config: Self = toml::from_str(&text).map_err(|e| bad(e.message().to_string()))?;
+        let mut config: Self = toml::from_str(&text).map_err(|e| bad(e.message().to_string()))?;
         if !config.fleet_key.trim().is_empty() {
             config.pinned_fleet_key().map_err(|e| bad(e.to_string()))?;
         }
+        if let Some(ota) = &config.over_the_air {
+            ota.keys().map_err(|e| bad(e.to_string()))?;
+        }
+        config.base_dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
         config.ksf.check().map_err(|e| bad(e.to_string()))?;
         Ok(config)
     }
@@ -85,12 +139,14 @@ impl ClientConfig {
                 reason: "no fleet key is pinned yet (the fleet has not been founded, or the frontend has not pinned it)".into(),
             });
         }
-        let mut key = [0u8; 32];
-        hex::decode_to_slice(self.fleet_key.trim(), &mut key).map_err(|_| ClientError::Config {
-            path: "fleet_key".into(),
-            reason: "must be 64 hex digits".into(),
-        })?;
-        Ok(key)
+        parse_hex_key(&self.fleet_key, "fleet_key")
+    }
+
+    /// Where the over-the-air trust state lives, if this config uses bundles.
+    pub fn trust_state_path(&self) -> Option<PathBuf> {
+        self.over_the_air
+            .as_ref()
+            .map(|ota| self.base_dir.join(&ota.state))
     }
 
     /// Serializes the config as TOML.

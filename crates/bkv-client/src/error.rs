@@ -13,6 +13,9 @@ pub enum TrustError {
         /// Hex of the pinned key.
         pinned: String,
     },
+    /// The validation bundle was refused.
+    #[error("validation bundle refused: {0}")]
+    Bundle(#[from] bkv_core::bundle::BundleError),
 }
 
 /// A client operation's failure.

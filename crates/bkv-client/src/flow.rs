@@ -199,6 +199,23 @@ impl RecoveryStarted {
 }
 
 impl PinProven {
+    /// Opens the retire ticket released beside the key (sealed under the session key).
+    pub fn open_ticket(
+        &self,
+        login_id: &[u8],
+        sealed_ticket: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, ClientError> {
+        let context = bkv_core::seal::release_context(login_id, &self.account);
+        seal::open(
+            bkv_core::seal::LABEL_RETIRE_TICKET_RELEASE,
+            &self.session_key,
+            &context,
+            sealed_ticket,
+        )
+        .map(|t| Zeroizing::new(t.to_vec()))
+        .map_err(|e| ClientError::Protocol(format!("retire ticket: {e}")))
+    }
+
     /// Opens the released key: first the session seal, then the `export_key` wrap.
     pub fn open(
         self,

@@ -15,10 +15,14 @@ pub mod error;
 pub mod flow;
 pub mod secrets;
 pub mod token;
+pub mod trust;
 
-pub use client::{fleet_status, AccountStatus, RecordState, Recovered, VaultClient};
-pub use config::{ClientConfig, DevTokens};
+pub use client::{
+    fetch_bundle, fleet_status, AccountStatus, Moved, RecordState, Recovered, VaultClient,
+};
+pub use config::{ClientConfig, DevTokens, OverTheAir};
 pub use device::Device;
 pub use error::{exit, ClientError, TrustError};
 pub use secrets::{BackupKey, Pin};
 pub use token::TokenSource;
+pub use trust::Trust;

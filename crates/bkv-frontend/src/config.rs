@@ -32,6 +32,20 @@ pub struct FrontendConfig {
     /// Simulated wide-area latency profile (see `bkv_core::wan`); none by default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wan: Option<String>,
+    /// The validation bundle to serve (written by `bkv fleet publish`), relative to this file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bundle: Option<PathBuf>,
+    /// Older fleets still holding users (recover-only), newest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub previous_fleets: Vec<PreviousFleet>,
+}
+
+/// An older fleet the frontend still routes recoveries to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PreviousFleet {
+    /// Its nodes.
+    pub nodes: Vec<NodeAddress>,
 }
 
 impl FrontendConfig {
@@ -43,10 +57,21 @@ impl FrontendConfig {
         if config.nodes.is_empty() {
             return Err(format!("{}: lists no nodes", path.display()));
         }
-        if let (Some(client), Some(dir)) = (&config.client_config, path.parent()) {
-            if client.is_relative() {
-                config.client_config = Some(dir.join(client));
+        if let Some(dir) = path.parent() {
+            for file in [&mut config.client_config, &mut config.bundle]
+                .into_iter()
+                .flatten()
+            {
+                if file.is_relative() {
+                    *file = dir.join(&*file);
+                }
             }
+        }
+        if config.previous_fleets.iter().any(|f| f.nodes.is_empty()) {
+            return Err(format!(
+                "{}: a previous fleet lists no nodes",
+                path.display()
+            ));
         }
         Ok(config)
     }

@@ -56,6 +56,53 @@ pub struct FleetRouter {
     leader: AtomicUsize,
     verifier: Arc<TokenVerifier>,
     config: RouterConfig,
+    /// Older fleets (recover-only), newest first: a user not found here is looked for there.
+    previous: Vec<FleetRouter>,
+    /// The validation bundle every session-opening answer carries.
+    bundle: Option<BundleFile>,
+}
+
+/// The bundle file the operator publishes (`bkv fleet publish`), re-read when it changes.
+struct BundleFile {
+    path: std::path::PathBuf,
+    cache: std::sync::Mutex<BundleCache>,
+}
+
+#[derive(Default)]
+struct BundleCache {
+    checked: Option<Instant>,
+    modified: Option<std::time::SystemTime>,
+    bytes: Arc<Vec<u8>>,
+}
+
+impl BundleFile {
+    /// The current bundle's bytes (empty if the file is missing or unreadable); the file
+    /// is looked at no more than once a second.
+    fn current(&self) -> Arc<Vec<u8>> {
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if cache
+            .checked
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+        {
+            return cache.bytes.clone();
+        }
+        cache.checked = Some(Instant::now());
+        let modified = std::fs::metadata(&self.path)
+            .and_then(|m| m.modified())
+            .ok();
+        if modified != cache.modified || modified.is_none() {
+            cache.modified = modified;
+            cache.bytes = Arc::new(match std::fs::read(&self.path) {
+                Ok(bytes) if bytes.len() <= bkv_core::bundle::MAX_BUNDLE_BYTES => bytes,
+                Ok(_) => {
+                    tracing::error!(path = %self.path.display(), "bundle file too large; serving none");
+                    Vec::new()
+                }
+                Err(_) => Vec::new(),
+            });
+        }
+        cache.bytes.clone()
+    }
 }
 
 fn auth_status(error: AuthError) -> Status {
@@ -109,7 +156,68 @@ impl FleetRouter {
             leader: AtomicUsize::new(0),
             verifier,
             config,
+            previous: Vec::new(),
+            bundle: None,
         })
+    }
+
+    /// Adds older, recover-only fleets (newest first): users not found in this fleet are
+    /// looked for there, so that clients can move them here.
+    pub fn with_previous(mut self, previous: Vec<FleetRouter>) -> Self {
+        self.previous = previous;
+        self
+    }
+
+    /// Serves the validation bundle kept at `path` with every session-opening answer.
+    pub fn with_bundle(mut self, path: std::path::PathBuf) -> Self {
+        self.bundle = Some(BundleFile {
+            path,
+            cache: Default::default(),
+        });
+        self
+    }
+
+    fn current_bundle(&self) -> Vec<u8> {
+        self.bundle
+            .as_ref()
+            .map(|b| b.current().as_ref().clone())
+            .unwrap_or_default()
+    }
+
+    /// Forwards to this fleet, then to each older fleet while the answer says the user
+    /// or the login is not there (`not_here`).
+    async fn across_fleets<Req, Resp, F, Fut>(
+        &self,
+        request: Request<Req>,
+        call: F,
+        not_here: impl Fn(&Result<Response<Resp>, Status>) -> bool,
+    ) -> Result<Response<Resp>, Status>
+    where
+        Req: Clone,
+        F: Fn(VaultClient<Channel>, Request<Req>) -> Fut + Clone,
+        Fut: Future<Output = Result<Response<Resp>, Status>>,
+    {
+        if self.previous.is_empty() {
+            return self.forward(request, call).await;
+        }
+        let metadata = request.metadata().clone();
+        let body = request.into_inner();
+        let again = |body: Req| {
+            let mut r = Request::new(body);
+            *r.metadata_mut() = metadata.clone();
+            r
+        };
+        let first = self.forward(again(body.clone()), call.clone()).await;
+        if !not_here(&first) {
+            return first;
+        }
+        for fleet in &self.previous {
+            let answer = fleet.forward(again(body.clone()), call.clone()).await;
+            if !not_here(&answer) {
+                return answer;
+            }
+        }
+        first
     }
 
     fn authorization<T>(
@@ -290,14 +398,26 @@ impl FleetRouter {
     }
 }
 
+fn reason_is(answer: &Result<impl Sized, Status>, reason: Reason) -> bool {
+    match answer {
+        Ok(_) => false,
+        Err(status) => bkv_core::error_detail(status)
+            .and_then(|d| Reason::try_from(d.reason).ok())
+            .is_some_and(|r| r == reason),
+    }
+}
+
 #[tonic::async_trait]
 impl Vault for FleetRouter {
     async fn enroll_start(
         &self,
         request: Request<v1::EnrollStartRequest>,
     ) -> Result<Response<v1::EnrollStartResponse>, Status> {
-        self.forward(request, |mut c, r| async move { c.enroll_start(r).await })
-            .await
+        let mut answer = self
+            .forward(request, |mut c, r| async move { c.enroll_start(r).await })
+            .await?;
+        answer.get_mut().bundle = self.current_bundle();
+        Ok(answer)
     }
 
     async fn enroll_finish(
@@ -312,32 +432,78 @@ impl Vault for FleetRouter {
         &self,
         request: Request<v1::RecoverStartRequest>,
     ) -> Result<Response<v1::RecoverStartResponse>, Status> {
-        self.forward(request, |mut c, r| async move { c.recover_start(r).await })
-            .await
+        let mut answer = self
+            .across_fleets(
+                request,
+                |mut c, r| async move { c.recover_start(r).await },
+                |a| reason_is(a, Reason::NotEnrolled),
+            )
+            .await?;
+        answer.get_mut().bundle = self.current_bundle();
+        Ok(answer)
     }
 
     async fn recover_finish(
         &self,
         request: Request<v1::RecoverFinishRequest>,
     ) -> Result<Response<v1::RecoverFinishResponse>, Status> {
-        self.forward(request, |mut c, r| async move { c.recover_finish(r).await })
-            .await
+        self.across_fleets(
+            request,
+            |mut c, r| async move { c.recover_finish(r).await },
+            |a| reason_is(a, Reason::LoginUnknown),
+        )
+        .await
     }
 
     async fn recover_abort(
         &self,
         request: Request<v1::RecoverAbortRequest>,
     ) -> Result<Response<v1::RecoverAbortResponse>, Status> {
-        self.forward(request, |mut c, r| async move { c.recover_abort(r).await })
-            .await
+        self.across_fleets(
+            request,
+            |mut c, r| async move { c.recover_abort(r).await },
+            |a| reason_is(a, Reason::LoginUnknown),
+        )
+        .await
     }
 
     async fn status(
         &self,
         request: Request<v1::StatusRequest>,
     ) -> Result<Response<v1::StatusResponse>, Status> {
-        self.forward(request, |mut c, r| async move { c.status(r).await })
-            .await
+        let mut answer = self
+            .across_fleets(
+                request,
+                |mut c, r| async move { c.status(r).await },
+                |a| {
+                    a.as_ref()
+                        .is_ok_and(|r| r.get_ref().state == v1::RecordState::NotEnrolled as i32)
+                },
+            )
+            .await?;
+        answer.get_mut().bundle = self.current_bundle();
+        Ok(answer)
+    }
+
+    async fn retire(
+        &self,
+        request: Request<v1::RetireRequest>,
+    ) -> Result<Response<v1::RetireResponse>, Status> {
+        self.across_fleets(
+            request,
+            |mut c, r| async move { c.retire(r).await },
+            |a| reason_is(a, Reason::LoginUnknown) || reason_is(a, Reason::NotEnrolled),
+        )
+        .await
+    }
+
+    async fn bundle(
+        &self,
+        _request: Request<v1::BundleRequest>,
+    ) -> Result<Response<v1::BundleResponse>, Status> {
+        Ok(Response::new(v1::BundleResponse {
+            bundle: self.current_bundle(),
+        }))
     }
 
     async fn fleet_status(

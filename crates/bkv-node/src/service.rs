@@ -122,6 +122,7 @@ impl Vault for NodeVault {
             registration_response: started.registration_response,
             fleet_key: started.fleet_key.to_vec(),
             registration_id: started.registration_id.to_vec(),
+            bundle: Vec::new(),
         }))
     }
 
@@ -165,6 +166,7 @@ impl Vault for NodeVault {
             attempts_left: started.attempts_left,
             fleet_key: started.fleet_key.to_vec(),
             ksf: Some(ksf_to_wire(started.ksf)),
+            bundle: Vec::new(),
         }))
     }
 
@@ -183,6 +185,7 @@ impl Vault for NodeVault {
         Ok(Response::new(v1::RecoverFinishResponse {
             sealed_wrapped_key: released.sealed_wrapped_key,
             attempts_left: released.attempts_left,
+            sealed_retire_ticket: released.sealed_retire_ticket,
         }))
     }
 
@@ -223,7 +226,28 @@ impl Vault for NodeVault {
             attempts_left,
             max_attempts,
             fleet_key: self.hsm.fleet_key().map(|k| k.to_vec()).unwrap_or_default(),
+            bundle: Vec::new(),
         }))
+    }
+
+    async fn retire(
+        &self,
+        request: Request<v1::RetireRequest>,
+    ) -> Result<Response<v1::RetireResponse>, Status> {
+        let account = self.account(&request)?;
+        let body = request.into_inner();
+        self.hsm
+            .retire(&account, &body.ticket)
+            .await
+            .map_err(|e| self.fail(e))?;
+        Ok(Response::new(v1::RetireResponse {}))
+    }
+
+    async fn bundle(
+        &self,
+        _request: Request<v1::BundleRequest>,
+    ) -> Result<Response<v1::BundleResponse>, Status> {
+        Err(Status::unimplemented("bundles are served by the frontend"))
     }
 
     async fn fleet_status(
@@ -344,5 +368,17 @@ impl Admin for NodeAdmin {
         status.rss_bytes = resident_bytes();
         status.baseline_rss_bytes = self.baseline_rss;
         Ok(Response::new(status))
+    }
+
+    async fn evidence(
+        &self,
+        _request: Request<v1::EvidenceRequest>,
+    ) -> Result<Response<v1::EvidenceResponse>, Status> {
+        let evidence = self.hsm.evidence().map_err(hsm_status)?;
+        Ok(Response::new(v1::EvidenceResponse {
+            fleet_key: self.hsm.fleet_key().map(hex::encode).unwrap_or_default(),
+            evidence_json: serde_json::to_string(&evidence)
+                .map_err(|e| Status::internal(e.to_string()))?,
+        }))
     }
 }

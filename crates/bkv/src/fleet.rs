@@ -29,6 +29,25 @@ pub enum FleetCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Publish the current fleet-key artifact: evidence from the fleets, the witness's
+    /// signature, the operator's counter-signature, and the bundle file the vault serves.
+    Publish {
+        /// The operator config (operator.toml).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Fetch the validation bundle as a client sees it (checked if the client config
+    /// trusts over the air) and write it to a file.
+    Bundle {
+        /// The client config.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Where to write the bundle.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// Check a bundle file offline: exit 0, or 6 with the reason.
+    VerifyBundle(crate::trust::VerifyBundleArgs),
 }
 
 /// Arguments of `bkv fleet init`.
@@ -43,7 +62,8 @@ pub struct InitArgs {
     /// Host the frontend and nodes listen on.
     #[arg(long, default_value = "127.0.0.1")]
     host: IpAddr,
-    /// Frontend port; node N listens on port + N. 0 picks free ports.
+    /// Frontend port; node N listens on port + N, the witness on port + N + 1. 0 picks
+    /// free ports.
     #[arg(long, default_value_t = 7450)]
     base_port: u16,
     /// Wrong PINs a record survives.
@@ -56,8 +76,14 @@ pub struct InitArgs {
 
 /// What [`write_fleet`] produced.
 pub struct FleetFiles {
-    /// `client.toml`.
+    /// `client.toml`: over the air, and pinned to the fleet key once it is known.
     pub client: PathBuf,
+    /// `client-ota.toml`: over the air only (trusts whatever fleets the bundles list).
+    pub client_ota: PathBuf,
+    /// `witness.toml`.
+    pub witness: PathBuf,
+    /// `operator.toml`.
+    pub operator: PathBuf,
     /// `frontend.toml`.
     pub frontend: PathBuf,
     /// `dcN.toml`, in datacenter order.
@@ -79,6 +105,15 @@ pub fn write_private(path: &Path, text: &[u8]) -> anyhow::Result<()> {
         .with_context(|| format!("cannot write {}", tmp.display()))?;
     file.write_all(text)?;
     file.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Writes public `bytes` to `path` atomically (mode 0644).
+pub fn write_public(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes)
+        .and_then(|_| std::fs::File::open(&tmp)?.sync_all())
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
 }
 
@@ -124,6 +159,8 @@ pub struct FleetOptions {
     pub auth: Option<AuthConfig>,
     /// Simulated wide-area latency profile.
     pub wan: Option<String>,
+    /// Where the witness listens.
+    pub witness: SocketAddr,
 }
 
 /// Writes a fleet's files into `dir`: platform key, node configs, frontend config,
@@ -140,6 +177,7 @@ pub fn write_fleet(
         login_deadline_secs,
         auth,
         wan,
+        witness,
     } = options;
     if let Some(name) = &wan {
         anyhow::ensure!(
@@ -205,13 +243,16 @@ pub fn write_fleet(
         auth: auth.clone(),
         client_config: Some("client.toml".into()),
         wan: wan.clone(),
+        bundle: Some("bundle.json".into()),
+        previous_fleets: Vec::new(),
     };
     let frontend_path = dir.join("frontend.toml");
     write_private(
         &frontend_path,
         toml::to_string_pretty(&frontend_config)?.as_bytes(),
     )?;
-    let client = ClientConfig {
+    let trust = write_trust(dir, &auth.audience, witness, &urls)?;
+    let mut client = ClientConfig {
         url: format!("http://{frontend}"),
         fleet_key: String::new(),
         audience: auth.audience.clone(),
@@ -219,13 +260,110 @@ pub fn write_fleet(
         ksf: KsfParams::RECOMMENDED,
         dev,
         wan,
+        over_the_air: Some(trust.over_the_air),
+        base_dir: dir.to_path_buf(),
     };
     let client_path = dir.join("client.toml");
     write_client_config(&client_path, &client)?;
+    let client_ota = dir.join("client-ota.toml");
+    client.over_the_air.as_mut().expect("set above").state = "trust-state-ota.json".into();
+    write_client_config(&client_ota, &client)?;
     Ok(FleetFiles {
         client: client_path,
+        client_ota,
+        witness: trust.witness,
+        operator: trust.operator,
         frontend: frontend_path,
         nodes,
+    })
+}
+
+struct TrustFiles {
+    witness: PathBuf,
+    operator: PathBuf,
+    over_the_air: bkv_client::OverTheAir,
+}
+
+/// Writes the dev witness's and operator's keys and configs. Development keys are files;
+/// production holds them in a PKCS#11 token (see docs/audit.md).
+fn write_trust(
+    dir: &Path,
+    audience: &str,
+    witness: SocketAddr,
+    node_urls: &[String],
+) -> anyhow::Result<TrustFiles> {
+    use bkv_witness::{Signer, SignerConfig};
+    // A new fleet directory is a new vault: the previous one's log and keys go.
+    for stale in [
+        "witness.redb",
+        "witness.key",
+        "operator.key",
+        "bundle.json",
+        "trust-state.json",
+        "trust-state-ota.json",
+    ] {
+        match std::fs::remove_file(dir.join(stale)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("cannot remove {stale}"))
+            }
+            _ => {}
+        }
+    }
+    let witness_signer = SignerConfig::File {
+        path: "witness.key".into(),
+    };
+    let operator_signer = SignerConfig::File {
+        path: "operator.key".into(),
+    };
+    let witness_key = hex::encode(Signer::generate(&witness_signer, dir)?.public_key());
+    let operator_key = hex::encode(Signer::generate(&operator_signer, dir)?.public_key());
+    let namespace = format!("{audience}/fleet-keys");
+    let witness_config = bkv_witness::WitnessConfig {
+        listen: witness,
+        namespace: namespace.clone(),
+        log: "witness.redb".into(),
+        operator_key: operator_key.clone(),
+        signer: witness_signer,
+    };
+    let witness_path = dir.join("witness.toml");
+    write_private(
+        &witness_path,
+        format!(
+            "# bkv witness (development: run by a third party in production)\n{}",
+            toml::to_string_pretty(&witness_config)?
+        )
+        .as_bytes(),
+    )?;
+    let operator = crate::trust::OperatorConfig {
+        witness: format!("http://{witness}"),
+        witness_key: witness_key.clone(),
+        namespace: namespace.clone(),
+        bundle: "bundle.json".into(),
+        signer: operator_signer,
+        fleets: vec![crate::trust::FleetSource {
+            role: bkv_core::bundle::Role::Active,
+            nodes: node_urls.to_vec(),
+            fleet_key: None,
+        }],
+    };
+    let operator_path = dir.join("operator.toml");
+    write_private(
+        &operator_path,
+        format!(
+            "# bkv operator: what `bkv fleet publish` lists, and with which key\n{}",
+            toml::to_string_pretty(&operator)?
+        )
+        .as_bytes(),
+    )?;
+    Ok(TrustFiles {
+        witness: witness_path,
+        operator: operator_path,
+        over_the_air: bkv_client::OverTheAir {
+            witness_key,
+            operator_key,
+            namespace,
+            state: "trust-state.json".into(),
+        },
     })
 }
 
@@ -241,9 +379,9 @@ pub async fn run(command: FleetCommand) -> Result<(), Failure> {
         FleetCommand::Init(args) => {
             let n = args.datacenters as usize;
             let ports = if args.base_port == 0 {
-                free_ports(args.host, n + 1)?
+                free_ports(args.host, n + 2)?
             } else {
-                (0..=n as u16)
+                (0..=n as u16 + 1)
                     .map(|i| args.base_port.checked_add(i))
                     .collect::<Option<Vec<_>>>()
                     .ok_or_else(|| {
@@ -254,15 +392,17 @@ pub async fn run(command: FleetCommand) -> Result<(), Failure> {
                     })?
             };
             let frontend = SocketAddr::new(args.host, ports[0]);
-            let nodes: Vec<SocketAddr> = ports[1..]
+            let nodes: Vec<SocketAddr> = ports[1..=n]
                 .iter()
                 .map(|p| SocketAddr::new(args.host, *p))
                 .collect();
+            let witness = SocketAddr::new(args.host, ports[n + 1]);
             let options = FleetOptions {
                 max_attempts: args.max_attempts,
                 login_deadline_secs: 60,
                 auth: None,
                 wan: args.wan,
+                witness,
             };
             let files = write_fleet(&args.dir, n, frontend, &nodes, options)?;
             println!("wrote {}", args.dir.join("platform.key").display());
@@ -274,11 +414,23 @@ pub async fn run(command: FleetCommand) -> Result<(), Failure> {
                 files.frontend.display()
             );
             println!(
-                "wrote {} (pins the fleet key once the frontend sees the fleet founded)",
-                files.client.display()
+                "wrote {} (witness on {witness}; start it with `bkv witness --config`)",
+                files.witness.display()
+            );
+            println!(
+                "wrote {} (`bkv fleet publish --config` it once the fleet runs)",
+                files.operator.display()
+            );
+            println!(
+                "wrote {} and {} (over the air: they trust the bundles the witness and operator sign)",
+                files.client.display(),
+                files.client_ota.display()
             );
             Ok(())
         }
+        FleetCommand::Publish { config } => crate::trust::publish_command(&config).await,
+        FleetCommand::Bundle { config, out } => crate::trust::bundle_command(&config, &out).await,
+        FleetCommand::VerifyBundle(args) => crate::trust::verify_bundle_command(args),
         FleetCommand::Status { config, json } => {
             let config = ClientConfig::load(&config)?;
             let status = bkv_client::fleet_status(&config).await?;

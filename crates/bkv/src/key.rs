@@ -197,6 +197,17 @@ pub async fn run(command: KeyCommand) -> Result<(), Failure> {
                 device.key_path().display(),
                 recovered.attempts_left
             );
+            match &recovered.moved {
+                None => {}
+                Some(bkv_client::Moved::Done { from }) => println!(
+                    "moved {} from recover-only fleet {from} to the active fleet (full budget); the old record is retired",
+                    vault.user
+                ),
+                Some(bkv_client::Moved::Failed(why)) => eprintln!(
+                    "warning: {} is still on a recover-only fleet: {why}; the next recovery tries again",
+                    vault.user
+                ),
+            }
             Ok(())
         }
         KeyCommand::Status { vault, json } => {

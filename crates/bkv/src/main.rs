@@ -8,6 +8,7 @@ mod input;
 mod key;
 mod load;
 mod serve;
+mod trust;
 mod up;
 
 use bkv_client::exit;
@@ -23,7 +24,9 @@ Exit codes:
   4  no key to recover (never enrolled, or destroyed after too many wrong PINs),
      or no backup to restore
   5  vault (or backup store) unreachable or unavailable
-  6  trust failure (the vault's key is not the pinned fleet key)";
+  6  trust failure (the vault's key is not the pinned fleet key, or its validation
+     bundle is missing, badly signed, tampered, older than one already seen, or does
+     not list the vault's fleet); for `bkv audit`, any gap or inconsistency";
 
 /// Backup Key Vault: escrow a backup key behind a PIN in a fleet of HSMs.
 #[derive(Parser)]
@@ -67,6 +70,22 @@ enum Command {
     /// Manage a device's backup key: enroll, recover, status, recovery codes.
     #[command(subcommand, after_help = EXIT_CODES)]
     Key(key::KeyCommand),
+    /// Run the independent witness that signs each epoch of the fleet-key log.
+    Witness {
+        /// The witness config (witness.toml).
+        #[arg(long, value_name = "FILE")]
+        config: std::path::PathBuf,
+        /// Exit when standard input closes (used by `bkv up` for its children).
+        #[arg(long)]
+        exit_with_parent: bool,
+    },
+    /// Make or show the witness's or the operator's signing key (a file or a PKCS#11 token).
+    #[command(subcommand)]
+    Signer(trust::SignerCommand),
+    /// Audit the whole fleet-key log: every epoch, signature, digest and evidence item,
+    /// with the keys added and removed (exit 6 on any gap or inconsistency).
+    #[command(after_help = EXIT_CODES)]
+    Audit(trust::AuditArgs),
 }
 
 /// A failed command: what to print and which exit code to return.
@@ -100,7 +119,7 @@ impl From<anyhow::Error> for Failure {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        let default = if matches!(cli.command, Command::Up(_)) {
+        let default = if matches!(cli.command, Command::Up(_) | Command::Witness { .. }) {
             "info"
         } else {
             "warn"
@@ -135,6 +154,12 @@ fn main() -> ExitCode {
             Command::Backup(args) => backup::run_backup(args).await,
             Command::Bench(args) => bench::run(args).await,
             Command::Restore(args) => backup::run_restore(args).await,
+            Command::Witness {
+                config,
+                exit_with_parent,
+            } => trust::witness(config, exit_with_parent).await,
+            Command::Signer(command) => trust::signer(command),
+            Command::Audit(args) => trust::audit(args).await,
         }
     });
     if std::env::var_os("BKV_REPORT_PEAK_RSS").is_some() {

@@ -4,8 +4,7 @@ use crate::fleet::write_client_config;
 use crate::Failure;
 use anyhow::Context;
 use bkv_client::ClientConfig;
-use bkv_core::auth::TokenVerifier;
-use bkv_frontend::{FleetRouter, FrontendConfig, RouterConfig};
+use bkv_frontend::{FleetRouter, FrontendConfig};
 use bkv_node::NodeConfig;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -35,7 +34,7 @@ pub async fn shutdown_signal() {
 }
 
 /// Completes when standard input closes: the parent `bkv up` is gone.
-async fn parent_gone() {
+pub async fn parent_gone() {
     let mut stdin = tokio::io::stdin();
     let mut buf = [0u8; 64];
     while let Ok(n) = stdin.read(&mut buf).await {
@@ -84,7 +83,8 @@ async fn pin_when_founded(router: Arc<FleetRouter>, client_path: PathBuf) {
 /// Writes `fleet_key` into the client config at `path` if it pins none yet.
 pub fn pin_fleet_key(path: &Path, fleet_key: &str) -> anyhow::Result<bool> {
     let mut config = ClientConfig::load(path)?;
-    if !config.fleet_key.trim().is_empty() {
+    // Over-the-air clients trust the bundle, not a pinned key.
+    if !config.fleet_key.trim().is_empty() || config.over_the_air.is_some() {
         return Ok(false);
     }
     config.fleet_key = fleet_key.to_string();
@@ -95,19 +95,7 @@ pub fn pin_fleet_key(path: &Path, fleet_key: &str) -> anyhow::Result<bool> {
 /// Runs the frontend until interrupted.
 pub async fn frontend(config: PathBuf) -> Result<(), Failure> {
     let config = FrontendConfig::load(&config).map_err(anyhow::Error::msg)?;
-    let verifier =
-        Arc::new(TokenVerifier::new(&config.auth).context("invalid account-token configuration")?);
-    let router = Arc::new(
-        FleetRouter::new(
-            &config.node_pairs(),
-            verifier,
-            RouterConfig {
-                wan: config.wan_profile().map_err(anyhow::Error::msg)?,
-                ..RouterConfig::default()
-            },
-        )
-        .map_err(anyhow::Error::new)?,
-    );
+    let router = Arc::new(bkv_frontend::router_from_config(&config).map_err(anyhow::Error::msg)?);
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;

@@ -6,8 +6,7 @@ use crate::serve::{serve_router, shutdown_signal};
 use crate::Failure;
 use anyhow::Context;
 use bkv_client::ClientConfig;
-use bkv_core::auth::{AuthConfig, TokenVerifier};
-use bkv_frontend::{FleetRouter, RouterConfig};
+use bkv_core::auth::AuthConfig;
 use clap::Args;
 use std::io::Write;
 use std::net::SocketAddr;
@@ -99,11 +98,17 @@ pub async fn run(args: UpArgs) -> Result<(), Failure> {
             .map(|i| SocketAddr::new(frontend.ip(), frontend.port().saturating_add(i)))
             .collect()
     };
+    let witness_addr = if args.listen.port() == 0 {
+        SocketAddr::new(frontend.ip(), free_ports(frontend.ip(), 1)?[0])
+    } else {
+        SocketAddr::new(frontend.ip(), frontend.port().saturating_add(n as u16 + 1))
+    };
     let options = crate::fleet::FleetOptions {
         max_attempts: args.max_attempts,
         login_deadline_secs: args.login_deadline,
         auth,
         wan: args.wan.clone(),
+        witness: witness_addr,
     };
     let files = write_fleet(&args.dir, n, frontend, &node_addrs, options)?;
 
@@ -133,6 +138,26 @@ pub async fn run(args: UpArgs) -> Result<(), Failure> {
         }));
         nodes.0.push(child);
     }
+    // The witness is its own process, as a third party's would be.
+    let witness_log = logs.join("witness.log");
+    let log = std::fs::File::create(&witness_log)
+        .with_context(|| format!("cannot create {}", witness_log.display()))?;
+    let witness = Command::new(&exe)
+        .args(["witness", "--exit-with-parent", "--config"])
+        .arg(&files.witness)
+        .stdin(Stdio::piped())
+        .stdout(log.try_clone().context("log file")?)
+        .stderr(log)
+        .spawn()
+        .context("cannot start the witness")?;
+    listing.push(serde_json::json!({
+        "dc": "witness",
+        "pid": witness.id(),
+        "url": format!("http://{witness_addr}"),
+        "config": files.witness,
+        "log": witness_log,
+    }));
+    nodes.0.push(witness);
     std::fs::write(
         args.dir.join("frontend.pid"),
         std::process::id().to_string(),
@@ -147,20 +172,8 @@ pub async fn run(args: UpArgs) -> Result<(), Failure> {
 
     let frontend_config =
         bkv_frontend::FrontendConfig::load(&files.frontend).map_err(anyhow::Error::msg)?;
-    let verifier = Arc::new(
-        TokenVerifier::new(&frontend_config.auth).context("invalid account-token configuration")?,
-    );
-    let router = Arc::new(
-        FleetRouter::new(
-            &frontend_config.node_pairs(),
-            verifier,
-            RouterConfig {
-                wan: frontend_config.wan_profile().map_err(anyhow::Error::msg)?,
-                ..RouterConfig::default()
-            },
-        )
-        .map_err(anyhow::Error::new)?,
-    );
+    let router =
+        Arc::new(bkv_frontend::router_from_config(&frontend_config).map_err(anyhow::Error::msg)?);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(serve_router(listener, router.clone(), async move {
         let _ = stop_rx.await;
@@ -183,6 +196,18 @@ pub async fn run(args: UpArgs) -> Result<(), Failure> {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
+    // Epoch 1: the founded fleet's key and evidence, signed by the witness and
+    // counter-signed by the operator, in the bundle the frontend serves from now on.
+    let published = loop {
+        match crate::trust::publish_from_config(&files.operator).await {
+            Ok(report) => break report,
+            // The witness process may still be starting.
+            Err(_) if started.elapsed() < Duration::from_secs(60) => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            Err(e) => return Err(e),
+        }
+    };
     let mut client = ClientConfig::load(&files.client)?;
     client.fleet_key = fleet_key.clone();
     write_client_config(&files.client, &client)?;
@@ -192,6 +217,11 @@ pub async fn run(args: UpArgs) -> Result<(), Failure> {
     eprintln!(
         "fleet      {n} datacenters, one node process each (see {})",
         nodes_json.display()
+    );
+    eprintln!(
+        "witness    epoch {} published (see {}; audit with `bkv audit`)",
+        published.bundle.witness.epoch,
+        files.operator.display()
     );
     eprintln!("client     {}", files.client.display());
     println!("ready http://{frontend}");
