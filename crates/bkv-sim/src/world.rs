@@ -218,12 +218,12 @@ impl World {
         let mut line = format!("step {step}:");
         let n = self.config.members;
         match plan.action {
-            0..=9 if faults.partitions => {
+            0..=7 if faults.partitions => {
                 let isolated = pick(&self.shared.dcs, plan.isolate, plan.shuffle);
                 line += &format!(" partition {isolated:?} from the rest;");
                 self.shared.net.partition(&isolated);
             }
-            10..=21 if faults.partitions && self.shared.net.partitioned() => {
+            8..=21 if faults.partitions && self.shared.net.partitioned() => {
                 line += " heal;";
                 self.shared.net.heal();
             }
@@ -263,7 +263,7 @@ impl World {
                     if crash(&shared, &dc).await {
                         return format!(" crash {dc} during the operations;");
                     }
-                } else if (10..25).contains(&fault) && faults.partitions {
+                } else if (10..18).contains(&fault) && faults.partitions {
                     shared.net.partition(&isolated);
                     return format!(" partition {isolated:?} during the operations;");
                 }
@@ -558,9 +558,9 @@ async fn client_op(
     };
     let (what, result) = 'attempts: {
         let mut last = (what, OpResult::Failed(HsmError::Unavailable));
-        for _ in 0..4 {
+        for _ in 0..6 {
             let Some(hsm) = leader(shared) else {
-                sleep(Duration::from_millis(300)).await;
+                sleep(Duration::from_millis(400)).await;
                 continue;
             };
             last = match op.kind {
@@ -623,7 +623,7 @@ async fn client_op(
             if !retryable(&last.1) {
                 break 'attempts last;
             }
-            sleep(Duration::from_millis(300)).await;
+            sleep(Duration::from_millis(400)).await;
         }
         last
     };
