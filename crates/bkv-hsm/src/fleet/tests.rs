@@ -1005,3 +1005,5 @@ mod malformed_input {
         }
     }
 }
+
+mod insider;
