@@ -15,6 +15,7 @@
 
 pub mod client;
 pub mod network;
+mod ops;
 pub mod oracle;
 pub mod platform;
 pub mod report;

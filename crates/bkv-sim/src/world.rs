@@ -1,7 +1,6 @@
 //! The simulated world: a fleet of real HSMs, their hosts (joining, as `bkv-node`
 //! does), the network, the clients, and the driver that draws every step from the seed.
 
-use crate::client::{self, OpResult};
 use crate::network::{FaultRates, Network, SimLink};
 use crate::oracle::{BrokenMode, Oracle};
 use crate::platform::SimPlatform;
@@ -45,28 +44,31 @@ struct StepPlan {
 }
 
 #[derive(Clone)]
-struct OpPlan {
-    kind: u32,
-    account: usize,
-    pin: u64,
-    key: [u8; 32],
-    seed: u64,
-    abort: bool,
+pub(crate) struct OpPlan {
+    pub(crate) kind: u32,
+    pub(crate) account: usize,
+    pub(crate) pin: u64,
+    pub(crate) key: [u8; 32],
+    pub(crate) seed: u64,
+    pub(crate) abort: bool,
 }
 
+/// An acknowledged enrollment as its client remembers it: the PIN and the backup key.
+type Enrolled = (Vec<u8>, [u8; 32]);
+
 /// State shared between the driver and the tasks of a step.
-struct Shared {
-    net: Arc<Network>,
-    epoch: Instant,
-    dcs: Vec<String>,
-    oracle: Mutex<Oracle>,
-    violations: Mutex<Vec<String>>,
-    joiners: Mutex<BTreeMap<String, JoinHandle<()>>>,
-    crashed: Mutex<BTreeSet<String>>,
-    ops: Mutex<OpCounts>,
+pub(crate) struct Shared {
+    pub(crate) net: Arc<Network>,
+    pub(crate) epoch: Instant,
+    pub(crate) dcs: Vec<String>,
+    pub(crate) oracle: Mutex<Oracle>,
+    pub(crate) violations: Mutex<Vec<String>>,
+    pub(crate) joiners: Mutex<BTreeMap<String, JoinHandle<()>>>,
+    pub(crate) crashed: Mutex<BTreeSet<String>>,
+    pub(crate) ops: Mutex<OpCounts>,
     // Latest acknowledged (PIN, backup key) per account.
-    enrolled: Mutex<BTreeMap<AccountId, (Vec<u8>, [u8; 32])>>,
-    broken: Option<BrokenMode>,
+    pub(crate) enrolled: Mutex<BTreeMap<AccountId, Enrolled>>,
+    pub(crate) broken: Option<BrokenMode>,
 }
 
 pub(crate) struct World {
@@ -205,7 +207,7 @@ impl World {
         for dc in &dcs[1..] {
             start_member(&self.shared, dc, self.rng.gen(), true).await?;
         }
-        wait_for(&self.shared, 60_000, |s| all_voters(s)).await;
+        wait_for(&self.shared, 60_000, all_voters).await;
         if all_voters(&self.shared) {
             Ok(())
         } else {
@@ -280,7 +282,7 @@ impl World {
             let account = self.accounts[op.account].clone();
             let shared = self.shared.clone();
             tasks.push(tokio::spawn(async move {
-                let (what, result) = client_op(&shared, &account, &op).await;
+                let (what, result) = crate::ops::client_op(&shared, &account, &op).await;
                 format!(" {what} {account} -> {result};")
             }));
         }
@@ -511,137 +513,4 @@ async fn wait_for(shared: &Shared, millis: u64, check: impl Fn(&Shared) -> bool)
     while Instant::now() < deadline && !check(shared) {
         sleep(Duration::from_millis(100)).await;
     }
-}
-
-/// The member that believes it leads in the highest term, as a frontend would find it.
-fn leader(shared: &Shared) -> Option<Arc<FleetHsm>> {
-    shared
-        .net
-        .members()
-        .into_iter()
-        .map(|(_, m)| (m.status(), m))
-        .filter(|(s, _)| s.role == "leader")
-        .max_by_key(|(s, _)| s.term)
-        .map(|(_, m)| m)
-}
-
-fn retryable(result: &OpResult) -> bool {
-    matches!(
-        result,
-        OpResult::Failed(
-            HsmError::NotLeader { .. }
-                | HsmError::Unavailable
-                | HsmError::NotReady
-                | HsmError::LoginUnknown
-        )
-    )
-}
-
-/// One client operation, retried against the leader a few times as the SDK does.
-async fn client_op(
-    shared: &Arc<Shared>,
-    account: &AccountId,
-    op: &OpPlan,
-) -> (&'static str, String) {
-    let mut rng = StdRng::seed_from_u64(op.seed);
-    let enrolled = shared
-        .enrolled
-        .lock()
-        .expect("enrolled")
-        .get(account)
-        .cloned();
-    let what = match op.kind {
-        0..=29 => "enroll",
-        30..=59 if enrolled.is_some() => "recover",
-        0..=94 => "guess",
-        _ => "status",
-    };
-    let (what, result) = 'attempts: {
-        let mut last = (what, OpResult::Failed(HsmError::Unavailable));
-        for _ in 0..6 {
-            let Some(hsm) = leader(shared) else {
-                sleep(Duration::from_millis(400)).await;
-                continue;
-            };
-            last = match op.kind {
-                0..=29 => {
-                    let pin = format!("pin-{}", op.pin).into_bytes();
-                    let r = client::enroll(&hsm, &shared.oracle, &mut rng, account, &pin, &op.key)
-                        .await;
-                    if matches!(r, OpResult::Enrolled(_)) {
-                        shared
-                            .enrolled
-                            .lock()
-                            .expect("enrolled")
-                            .insert(account.clone(), (pin, op.key));
-                    }
-                    ("enroll", r)
-                }
-                30..=59 if enrolled.is_some() => {
-                    let (pin, key) = enrolled.clone().expect("checked");
-                    let r = client::recover(
-                        &hsm,
-                        &shared.oracle,
-                        &mut rng,
-                        account,
-                        &pin,
-                        Some(key),
-                        op.abort,
-                        &shared.violations,
-                    )
-                    .await;
-                    ("recover", r)
-                }
-                0..=94 => {
-                    let pin = format!("wrong-{}", op.pin).into_bytes();
-                    let r = client::recover(
-                        &hsm,
-                        &shared.oracle,
-                        &mut rng,
-                        account,
-                        &pin,
-                        None,
-                        op.abort,
-                        &shared.violations,
-                    )
-                    .await;
-                    if r == OpResult::WrongGuess && shared.broken == Some(BrokenMode::HiddenReset) {
-                        if let Some((pin, _)) = &enrolled {
-                            client::hidden_login(&hsm, &mut rng, account, pin).await;
-                        }
-                    }
-                    ("guess", r)
-                }
-                _ => {
-                    let r = match hsm.record_status(account).await {
-                        Ok(_) => OpResult::NotOpened,
-                        Err(e) => OpResult::Failed(e),
-                    };
-                    ("status", r)
-                }
-            };
-            if !retryable(&last.1) {
-                break 'attempts last;
-            }
-            sleep(Duration::from_millis(400)).await;
-        }
-        last
-    };
-    {
-        let mut ops = shared.ops.lock().expect("ops");
-        match (&result, what) {
-            (OpResult::Enrolled(_), _) => ops.enrolls += 1,
-            (OpResult::Recovered, _) => ops.recoveries += 1,
-            (OpResult::WrongGuess, _) => ops.wrong_guesses += 1,
-            (OpResult::NotOpened, "status") => {}
-            _ => ops.errors += 1,
-        }
-    }
-    let shown = match &result {
-        OpResult::Failed(e) => format!("error ({e})"),
-        OpResult::Enrolled(_) => "enrolled".into(),
-        OpResult::NotOpened if what == "status" => "ok".into(),
-        other => format!("{other:?}").to_lowercase(),
-    };
-    (what, shown)
 }

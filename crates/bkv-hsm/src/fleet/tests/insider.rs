@@ -251,15 +251,8 @@ async fn host_state_rollback_is_refused() {
 
     // 4. Nothing the insider replayed restored a guess: whoever leads, and whoever
     // answers, the next KE2 leaves fewer than 7 guesses.
-    hosts
-        .network
-        .members
-        .lock()
-        .unwrap()
-        .remove("dc1")
-        .unwrap()
-        .shutdown()
-        .await;
+    let old_leader = hosts.network.members.lock().unwrap().remove("dc1").unwrap();
+    old_leader.shutdown().await;
     let leader = find_leader(&hosts.network).await;
     assert_eq!(attempts(&leader, &alice).await, spent);
     no_member_grants_more_than(&hosts, &alice, 7).await;
