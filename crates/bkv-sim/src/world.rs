@@ -339,9 +339,30 @@ impl World {
         wait_for(&self.shared, 120_000, converged).await;
         let step = self.report.steps;
         if !converged(&self.shared) {
+            let view: Vec<String> = self
+                .shared
+                .net
+                .members()
+                .iter()
+                .map(|(dc, m)| {
+                    let s = m.status();
+                    let voters = s.members.iter().filter(|v| v.voter).count();
+                    format!(
+                        "{dc}: {} term {} applied {} members {} voters {}",
+                        s.role,
+                        s.term,
+                        s.applied_index,
+                        s.members.len(),
+                        voters
+                    )
+                })
+                .collect();
             self.violation(
                 step,
-                "liveness: the healed fleet did not converge within 120 s".into(),
+                format!(
+                    "liveness: the healed fleet did not converge within 120 s [{}]",
+                    view.join("; ")
+                ),
             );
         }
         self.trace("settle: healed, restarted, converged".into());
