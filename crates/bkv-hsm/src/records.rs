@@ -167,6 +167,11 @@ impl RecordTable {
             .count()
     }
 
+    /// Every account the table holds a slot for (live or destroyed).
+    pub fn accounts(&self) -> impl Iterator<Item = &AccountId> {
+        self.slots.keys()
+    }
+
     /// What the table holds for `account`.
     pub fn get(&self, account: &AccountId) -> RecordView<'_> {
         match self.slots.get(account) {

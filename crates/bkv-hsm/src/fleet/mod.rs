@@ -6,6 +6,7 @@
 //! leader checks its attestation, commits its admission (with the fleet secrets sealed
 //! to it), adds it as a learner, and swaps it for the dead member of its datacenter.
 
+pub mod audit;
 mod network;
 pub mod state;
 mod store;
@@ -244,6 +245,8 @@ pub struct FleetHsm {
     registrations: Mutex<PendingRegistrations>,
     config: HsmConfig,
     membership: tokio::sync::Mutex<()>,
+    // A handle on Raft's in-memory log, read by `audit_view`.
+    log: LogStore,
 }
 
 impl std::fmt::Debug for FleetHsm {
@@ -299,11 +302,12 @@ impl FleetHsm {
             shared: shared.clone(),
             transport,
         };
+        let log = LogStore::default();
         let raft = Raft::new(
             identity.node_id(),
             Arc::new(raft_config),
             network,
-            LogStore::default(),
+            log.clone(),
             StateMachineStore::new(shared.clone()),
         )
         .await
@@ -315,6 +319,7 @@ impl FleetHsm {
             registrations: Mutex::new(PendingRegistrations::new(config.max_pending_logins)),
             config,
             membership: tokio::sync::Mutex::new(()),
+            log,
         }))
     }
 

@@ -34,6 +34,15 @@ impl LogStore {
     fn lock(&self) -> std::sync::MutexGuard<'_, LogData> {
         self.inner.lock().expect("log lock")
     }
+
+    /// The entries still in the log within `range`.
+    pub(crate) fn entries(&self, range: std::ops::RangeInclusive<u64>) -> Vec<Entry<TypeConfig>> {
+        self.lock()
+            .log
+            .range(range)
+            .map(|(_, e)| e.clone())
+            .collect()
+    }
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {

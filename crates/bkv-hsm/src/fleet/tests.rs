@@ -1128,3 +1128,5 @@ async fn deployment_evidence_verifies_and_tampering_is_caught() {
     swapped_ceremony_key.fleet_key = "00".repeat(32);
     assert!(crate::evidence::verify_evidence(&swapped_ceremony_key).is_err());
 }
+
+mod insider;
