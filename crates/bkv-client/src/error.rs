@@ -109,7 +109,7 @@ impl ClientError {
             (Reason::Unauthenticated, _) | (_, Code::Unauthenticated) => {
                 ClientError::Unauthenticated(status.message().to_string())
             }
-            (Reason::Unavailable | Reason::Busy | Reason::NotLeader, _)
+            (Reason::Unavailable | Reason::Busy | Reason::NotLeader | Reason::RateLimited, _)
             | (
                 _,
                 Code::Unavailable

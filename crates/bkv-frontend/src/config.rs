@@ -35,6 +35,9 @@ pub struct FrontendConfig {
     /// The validation bundle to serve (written by `bkv fleet publish`), relative to this file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bundle: Option<PathBuf>,
+    /// Per-account rate limits (on by default; `per_second = 0` turns them off).
+    #[serde(default)]
+    pub rate_limit: crate::ratelimit::RateLimit,
     /// Older fleets still holding users (recover-only), newest first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub previous_fleets: Vec<PreviousFleet>,

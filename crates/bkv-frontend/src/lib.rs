@@ -7,10 +7,12 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod ratelimit;
 pub mod router;
 
 pub use bkv_core::auth::{AuthConfig, TokenKey, TokenVerifier};
 pub use config::{FrontendConfig, NodeAddress, PreviousFleet};
+pub use ratelimit::RateLimit;
 pub use router::{FleetRouter, RouterConfig};
 
 use bkv_core::v1::vault_server::VaultServer;
@@ -42,7 +44,8 @@ pub fn router_from_config(config: &FrontendConfig) -> Result<FleetRouter, String
         .collect::<Result<Vec<_>, _>>()?;
     let mut router = FleetRouter::new(&config.node_pairs(), verifier, routing)
         .map_err(|e| e.to_string())?
-        .with_previous(previous);
+        .with_previous(previous)
+        .with_rate_limit(config.rate_limit);
     if let Some(bundle) = &config.bundle {
         router = router.with_bundle(bundle.clone());
     }

@@ -60,6 +60,8 @@ pub struct FleetRouter {
     previous: Vec<FleetRouter>,
     /// The validation bundle every session-opening answer carries.
     bundle: Option<BundleFile>,
+    /// Per-account rate limits, checked once per client call.
+    limiter: Option<crate::ratelimit::AccountLimiter>,
 }
 
 /// The bundle file the operator publishes (`bkv fleet publish`), re-read when it changes.
@@ -158,7 +160,42 @@ impl FleetRouter {
             config,
             previous: Vec::new(),
             bundle: None,
+            limiter: None,
         })
+    }
+
+    /// Limits the calls per account as `limit` says.
+    pub fn with_rate_limit(mut self, limit: crate::ratelimit::RateLimit) -> Self {
+        self.limiter = crate::ratelimit::AccountLimiter::new(limit);
+        self
+    }
+
+    /// Refuses the call if its account has used up its rate (nothing is forwarded).
+    fn limit<T>(&self, request: &Request<T>, spends_guess: bool) -> Result<(), Status> {
+        let Some(limiter) = &self.limiter else {
+            return Ok(());
+        };
+        let header = request
+            .metadata()
+            .get("authorization")
+            .map(|v| v.to_str().map_err(|_| AuthError::Malformed))
+            .transpose()
+            .map_err(auth_status)?;
+        let account = self.verifier.verify_header(header).map_err(auth_status)?;
+        limiter
+            .admit(&account, spends_guess, Instant::now())
+            .map_err(|wait| {
+                tracing::debug!(%account, "rate limited");
+                error_status(
+                    Code::ResourceExhausted,
+                    Reason::RateLimited,
+                    0,
+                    format!(
+                        "too many calls for this account; nothing was done; retry in {} ms",
+                        wait.as_millis().max(1)
+                    ),
+                )
+            })
     }
 
     /// Adds older, recover-only fleets (newest first): users not found in this fleet are
@@ -413,6 +450,7 @@ impl Vault for FleetRouter {
         &self,
         request: Request<v1::EnrollStartRequest>,
     ) -> Result<Response<v1::EnrollStartResponse>, Status> {
+        self.limit(&request, false)?;
         let mut answer = self
             .forward(request, |mut c, r| async move { c.enroll_start(r).await })
             .await?;
@@ -424,6 +462,7 @@ impl Vault for FleetRouter {
         &self,
         request: Request<v1::EnrollFinishRequest>,
     ) -> Result<Response<v1::EnrollFinishResponse>, Status> {
+        self.limit(&request, false)?;
         self.forward(request, |mut c, r| async move { c.enroll_finish(r).await })
             .await
     }
@@ -432,6 +471,7 @@ impl Vault for FleetRouter {
         &self,
         request: Request<v1::RecoverStartRequest>,
     ) -> Result<Response<v1::RecoverStartResponse>, Status> {
+        self.limit(&request, true)?;
         let mut answer = self
             .across_fleets(
                 request,
@@ -447,6 +487,7 @@ impl Vault for FleetRouter {
         &self,
         request: Request<v1::RecoverFinishRequest>,
     ) -> Result<Response<v1::RecoverFinishResponse>, Status> {
+        self.limit(&request, false)?;
         self.across_fleets(
             request,
             |mut c, r| async move { c.recover_finish(r).await },
@@ -459,6 +500,7 @@ impl Vault for FleetRouter {
         &self,
         request: Request<v1::RecoverAbortRequest>,
     ) -> Result<Response<v1::RecoverAbortResponse>, Status> {
+        self.limit(&request, false)?;
         self.across_fleets(
             request,
             |mut c, r| async move { c.recover_abort(r).await },
@@ -471,6 +513,7 @@ impl Vault for FleetRouter {
         &self,
         request: Request<v1::StatusRequest>,
     ) -> Result<Response<v1::StatusResponse>, Status> {
+        self.limit(&request, false)?;
         let mut answer = self
             .across_fleets(
                 request,
@@ -489,6 +532,7 @@ impl Vault for FleetRouter {
         &self,
         request: Request<v1::RetireRequest>,
     ) -> Result<Response<v1::RetireResponse>, Status> {
+        self.limit(&request, false)?;
         self.across_fleets(
             request,
             |mut c, r| async move { c.retire(r).await },

@@ -161,6 +161,8 @@ pub struct FleetOptions {
     pub wan: Option<String>,
     /// Where the witness listens.
     pub witness: SocketAddr,
+    /// Per-account rate limits at the frontend.
+    pub rate_limit: bkv_frontend::RateLimit,
 }
 
 /// Writes a fleet's files into `dir`: platform key, node configs, frontend config,
@@ -178,6 +180,7 @@ pub fn write_fleet(
         auth,
         wan,
         witness,
+        rate_limit,
     } = options;
     if let Some(name) = &wan {
         anyhow::ensure!(
@@ -244,6 +247,7 @@ pub fn write_fleet(
         client_config: Some("client.toml".into()),
         wan: wan.clone(),
         bundle: Some("bundle.json".into()),
+        rate_limit,
         previous_fleets: Vec::new(),
     };
     let frontend_path = dir.join("frontend.toml");
@@ -403,6 +407,7 @@ pub async fn run(command: FleetCommand) -> Result<(), Failure> {
                 auth: None,
                 wan: args.wan,
                 witness,
+                rate_limit: bkv_frontend::RateLimit::default(),
             };
             let files = write_fleet(&args.dir, n, frontend, &nodes, options)?;
             println!("wrote {}", args.dir.join("platform.key").display());

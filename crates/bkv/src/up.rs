@@ -15,6 +15,15 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// On or off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Toggle {
+    /// On.
+    On,
+    /// Off.
+    Off,
+}
+
 /// Loopback address `bkv up` listens on unless told otherwise.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7450";
 
@@ -41,6 +50,10 @@ pub struct UpArgs {
     /// With it, client.toml carries no token key and clients need real tokens.
     #[arg(long, value_name = "FILE")]
     auth: Option<PathBuf>,
+    /// Per-account rate limits at the frontend (10 calls/s, 6 guesses/min, with bursts).
+    /// Benchmarks that drive few accounts hard turn them off.
+    #[arg(long, value_enum, default_value_t = Toggle::On)]
+    rate_limit: Toggle,
     /// Simulate wide-area latency between datacenters and to the client with this
     /// profile (three-continents: see docs/performance.md). Off by default.
     #[arg(long, value_name = "PROFILE")]
@@ -109,6 +122,10 @@ pub async fn run(args: UpArgs) -> Result<(), Failure> {
         auth,
         wan: args.wan.clone(),
         witness: witness_addr,
+        rate_limit: match args.rate_limit {
+            Toggle::On => bkv_frontend::RateLimit::default(),
+            Toggle::Off => bkv_frontend::RateLimit::OFF,
+        },
     };
     let files = write_fleet(&args.dir, n, frontend, &node_addrs, options)?;
 

@@ -313,3 +313,71 @@ async fn malformed_and_oversized_messages_change_nothing() {
     // The vault still serves.
     assert_success(&vault.recover("alice", &vault.device("b"), "1234"));
 }
+
+#[tokio::test]
+async fn insider_flooding_one_user_is_rate_limited_and_other_users_are_served() {
+    let vault = Vault::start(&["--rate-limit", "on", "--datacenters", "3"]);
+    vault.enroll("alice", &vault.device("alice"), "1234");
+    vault.enroll("bob", &vault.device("bob"), "5678");
+    let wire = Wire::connect(&vault).await;
+    // Someone holding alice's token floods the vault with guesses and status calls.
+    let account = AccountId::new(wire.config.tenant.clone(), "alice").unwrap();
+    let mut calls = Vec::new();
+    for i in 0..120 {
+        let mut grpc = wire.grpc.clone();
+        if i % 2 == 0 {
+            let (_, ke1) = RecoveryStarted::begin(
+                &mut OsRng,
+                account.clone(),
+                Pin::new("0000".into()).unwrap(),
+            )
+            .unwrap();
+            let request = wire.as_user("alice", v1::RecoverStartRequest { ke1 });
+            calls.push(tokio::spawn(async move {
+                grpc.recover_start(request).await.map(|_| true)
+            }));
+        } else {
+            let request = wire.as_user("alice", v1::StatusRequest {});
+            calls.push(tokio::spawn(async move {
+                grpc.status(request).await.map(|_| false)
+            }));
+        }
+    }
+    let (mut guesses, mut statuses, mut limited) = (0, 0, 0);
+    let mut refusal = None;
+    for call in calls {
+        match call.await.unwrap() {
+            Ok(true) => guesses += 1,
+            Ok(false) => statuses += 1,
+            Err(status) => {
+                assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+                assert_eq!(reason(&status), Reason::RateLimited);
+                limited += 1;
+                refusal = Some(status);
+            }
+        }
+    }
+    // Three guesses in a burst, thirty calls in all; the rest never reached the fleet.
+    assert!(guesses <= 3, "{guesses} guesses got through");
+    assert!(
+        guesses + statuses <= 30,
+        "{guesses} + {statuses} calls got through"
+    );
+    assert_eq!(guesses + statuses + limited, 120);
+    // Meanwhile bob is served as usual.
+    let out = vault.recover("bob", &vault.device("bob2"), "5678");
+    assert_success(&out);
+    // Only the guesses that got through were spent; the flood spent nothing else.
+    std::thread::sleep(std::time::Duration::from_millis(3500));
+    assert_eq!(vault.status("alice")["attempts_left"], 10 - guesses);
+    // And the refusal is a clear, retryable error for the CLI (exit 5).
+    let refusal = refusal.expect("the flood was refused");
+    let error = bkv_client::ClientError::from_status(refusal);
+    assert_eq!(error.exit_code(), 5);
+    assert!(
+        error
+            .to_string()
+            .contains("too many calls for this account"),
+        "{error}"
+    );
+}

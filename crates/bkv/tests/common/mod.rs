@@ -32,6 +32,12 @@ impl Vault {
             .args(["up", "--dir"])
             .arg(root.path().join("vault-dev"))
             .args(["--listen", "127.0.0.1:0"])
+            // Tests drive single accounts hard; the rate-limit test turns limits on.
+            .args(if extra.contains(&"--rate-limit") {
+                &[][..]
+            } else {
+                &["--rate-limit", "off"][..]
+            })
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
