@@ -187,6 +187,8 @@ pub struct Evidence {
 /// One fleet in an artifact.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FleetEntry {
+    /// The fleet's id (random, made at its creation ceremony), hex.
+    pub id: String,
     /// The fleet's OPAQUE public key, hex.
     pub fleet_key: String,
     /// How clients may use it.

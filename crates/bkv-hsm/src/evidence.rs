@@ -96,6 +96,9 @@ pub fn verify_evidence(entry: &FleetEntry) -> Result<[u8; 32], String> {
     if !c.fleet_key.eq_ignore_ascii_case(&entry.fleet_key) {
         return Err("the ceremony made another fleet key".into());
     }
+    if !c.fleet_id.eq_ignore_ascii_case(&entry.id) {
+        return Err("the ceremony made another fleet id".into());
+    }
     let founder = from_evidence(&c.founder)?;
     let root = founder.root;
     founder

@@ -28,6 +28,7 @@ fn artifact(keys: &[(&str, Role)]) -> Artifact {
         fleets: keys
             .iter()
             .map(|(key, role)| FleetEntry {
+                id: "05".repeat(32),
                 fleet_key: key.to_string(),
                 role: *role,
                 evidence: Evidence {

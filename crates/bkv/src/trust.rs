@@ -247,6 +247,7 @@ async fn build_artifact(
                 }
             }
             FleetEntry {
+                id: evidence.ceremony.fleet_id.clone(),
                 fleet_key,
                 role: source.role,
                 evidence,

@@ -31,6 +31,7 @@ fn artifact(fleet_keys: &[(&str, Role)]) -> Artifact {
         fleets: fleet_keys
             .iter()
             .map(|(key, role)| FleetEntry {
+                id: "44".repeat(32),
                 fleet_key: key.to_string(),
                 role: *role,
                 evidence: Evidence {

@@ -1108,12 +1108,16 @@ async fn deployment_evidence_verifies_and_tampering_is_caught() {
     let evidence = leader.evidence().unwrap();
     assert_eq!(evidence.members.len(), 3);
     let entry = FleetEntry {
+        id: evidence.ceremony.fleet_id.clone(),
         fleet_key: hex::encode(leader.fleet_key().unwrap()),
         role: Role::Active,
         evidence,
     };
     let root = crate::evidence::verify_evidence(&entry).unwrap();
     assert_eq!(hex::encode(root), entry.evidence.ceremony.founder.root);
+    let mut other_id = entry.clone();
+    other_id.id = "00".repeat(32);
+    assert!(crate::evidence::verify_evidence(&other_id).is_err());
     let mut other_key = entry.clone();
     other_key.fleet_key = "00".repeat(32);
     assert!(crate::evidence::verify_evidence(&other_key).is_err());
