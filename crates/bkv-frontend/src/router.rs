@@ -175,13 +175,7 @@ impl FleetRouter {
         let Some(limiter) = &self.limiter else {
             return Ok(());
         };
-        let header = request
-            .metadata()
-            .get("authorization")
-            .map(|v| v.to_str().map_err(|_| AuthError::Malformed))
-            .transpose()
-            .map_err(auth_status)?;
-        let account = self.verifier.verify_header(header).map_err(auth_status)?;
+        let (_, account) = self.authorization(request)?;
         limiter
             .admit(&account, spends_guess, Instant::now())
             .map_err(|wait| {
@@ -257,10 +251,11 @@ impl FleetRouter {
         first
     }
 
+    /// The call's `authorization` header and the account its token names, once verified.
     fn authorization<T>(
         &self,
         request: &Request<T>,
-    ) -> Result<MetadataValue<tonic::metadata::Ascii>, Status> {
+    ) -> Result<(MetadataValue<tonic::metadata::Ascii>, bkv_core::AccountId), Status> {
         let value = request
             .metadata()
             .get("authorization")
@@ -271,10 +266,11 @@ impl FleetRouter {
         let header = value
             .to_str()
             .map_err(|_| auth_status(AuthError::Malformed))?;
-        self.verifier
+        let account = self
+            .verifier
             .verify_header(Some(header))
             .map_err(auth_status)?;
-        Ok(value)
+        Ok((value, account))
     }
 
     fn index_of(&self, dc: &str) -> Option<usize> {
@@ -315,7 +311,7 @@ impl FleetRouter {
         F: Fn(VaultClient<Channel>, Request<Req>) -> Fut,
         Fut: Future<Output = Result<Response<Resp>, Status>>,
     {
-        let authorization = self.authorization(&request)?;
+        let (authorization, _) = self.authorization(&request)?;
         let body = request.into_inner();
         let started = Instant::now();
         let mut backoff = self.config.initial_backoff;

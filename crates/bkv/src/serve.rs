@@ -34,7 +34,7 @@ pub async fn shutdown_signal() {
 }
 
 /// Completes when standard input closes: the parent `bkv up` is gone.
-pub async fn parent_gone() {
+async fn parent_gone() {
     let mut stdin = tokio::io::stdin();
     let mut buf = [0u8; 64];
     while let Ok(n) = stdin.read(&mut buf).await {
@@ -44,21 +44,23 @@ pub async fn parent_gone() {
     }
 }
 
+/// Completes on Ctrl-C or SIGTERM, or also when the parent is gone if `exit_with_parent`.
+pub async fn stop_signal(exit_with_parent: bool) {
+    if exit_with_parent {
+        tokio::select! {
+            _ = shutdown_signal() => {},
+            _ = parent_gone() => {},
+        }
+    } else {
+        shutdown_signal().await
+    }
+}
+
 /// Runs one fleet node until interrupted.
 pub async fn node(config: PathBuf, exit_with_parent: bool) -> Result<(), Failure> {
     let config = NodeConfig::load(&config).map_err(anyhow::Error::new)?;
     eprintln!("bkv node {}: software HSM, for development only", config.dc);
-    let shutdown = async move {
-        if exit_with_parent {
-            tokio::select! {
-                _ = shutdown_signal() => {},
-                _ = parent_gone() => {},
-            }
-        } else {
-            shutdown_signal().await
-        }
-    };
-    bkv_node::run(config, shutdown).await?;
+    bkv_node::run(config, stop_signal(exit_with_parent)).await?;
     Ok(())
 }
 

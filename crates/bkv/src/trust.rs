@@ -1,7 +1,7 @@
 //! Fleet keys over the air: `bkv witness`, `bkv signer`, `bkv fleet publish|bundle|
 //! verify-bundle`, and `bkv audit`.
 
-use crate::serve::{parent_gone, shutdown_signal};
+use crate::serve::stop_signal;
 use crate::Failure;
 use anyhow::Context;
 use bkv_client::{exit, ClientConfig, Trust};
@@ -131,17 +131,7 @@ pub async fn witness(config_path: PathBuf, exit_with_parent: bool) -> Result<(),
         "ready http://{}",
         listener.local_addr().context("listening address")?
     );
-    let stop = async move {
-        if exit_with_parent {
-            tokio::select! {
-                _ = shutdown_signal() => {},
-                _ = parent_gone() => {},
-            }
-        } else {
-            shutdown_signal().await
-        }
-    };
-    bkv_witness::serve(listener, witness, stop).await?;
+    bkv_witness::serve(listener, witness, stop_signal(exit_with_parent)).await?;
     Ok(())
 }
 
