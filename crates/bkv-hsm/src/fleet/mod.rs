@@ -21,7 +21,7 @@ use crate::platform::{Platform, PlatformRng};
 use bkv_core::Suite;
 use network::{PeerNetwork, PeerRequest, PeerResponse};
 use opaque_ke::ServerSetup;
-use openraft::{Config, Raft, ServerState};
+use openraft::{ChangeMembers, Config, Raft, ServerState};
 use serde::{Deserialize, Serialize};
 use state::{Admission, FleetCommand, FleetOutcome, Genesis};
 use std::collections::{BTreeSet, HashMap};
@@ -516,17 +516,11 @@ impl FleetHsm {
             tracing::warn!(node_id = id, %dc, "new member did not catch up; it may ask again");
             return;
         }
-        let mut voters: BTreeSet<u64> = self
-            .shared
-            .machine()
-            .last_membership
-            .membership()
-            .voter_ids()
-            .collect();
-        for old in &replaced {
-            voters.remove(old);
-        }
-        voters.insert(id);
+        let voters = swapped_voters(
+            self.shared.machine().last_membership.membership(),
+            &replaced,
+            id,
+        );
         match tokio::time::timeout(
             Duration::from_secs(30),
             self.raft.change_membership(voters, false),
@@ -534,8 +528,37 @@ impl FleetHsm {
         .await
         {
             Ok(Ok(_)) => tracing::info!(node_id = id, %dc, ?replaced, "member joined the voters"),
-            Ok(Err(e)) => tracing::warn!(node_id = id, %dc, error = %e, "membership change failed"),
-            Err(_) => tracing::warn!(node_id = id, %dc, "membership change timed out"),
+            Ok(Err(e)) => {
+                tracing::warn!(node_id = id, %dc, error = %e, "membership change failed");
+                return;
+            }
+            Err(_) => {
+                tracing::warn!(node_id = id, %dc, "membership change timed out");
+                return;
+            }
+        }
+        // A replaced member that died while still a learner is not dropped by the voter
+        // change above (it never voted): remove it, or the leader replicates to it forever.
+        let dead_learners: BTreeSet<u64> = {
+            let machine = self.shared.machine();
+            let membership = machine.last_membership.membership();
+            replaced
+                .iter()
+                .copied()
+                .filter(|old| membership.get_node(old).is_some())
+                .collect()
+        };
+        if dead_learners.is_empty() {
+            return;
+        }
+        let removal = tokio::time::timeout(
+            Duration::from_secs(30),
+            self.raft
+                .change_membership(ChangeMembers::RemoveNodes(dead_learners.clone()), false),
+        )
+        .await;
+        if !matches!(removal, Ok(Ok(_))) {
+            tracing::warn!(node_id = id, %dc, ?dead_learners, "could not remove dead learners; the next join for the slot will");
         }
     }
 
@@ -566,16 +589,22 @@ impl FleetHsm {
         Ok(())
     }
 
-    /// Whether this member votes in the current membership.
+    /// Whether this member votes in a settled membership. A member brought in by a change
+    /// still in its joint phase is not a voter yet: if the leader that started the change
+    /// lost its leadership, nothing else would finish it, so the member's host keeps
+    /// asking to join, and the next [`Self::promote`] finishes the change.
     pub fn is_voter(&self) -> bool {
         let me = self.shared.identity.node_id();
-        let voter = self
+        let voter = match &self
             .shared
             .machine()
             .last_membership
             .membership()
-            .voter_ids()
-            .any(|id| id == me);
+            .get_joint_config()[..]
+        {
+            [settled] => settled.contains(&me),
+            _ => false,
+        };
         voter && self.fleet_key().is_some()
     }
 
@@ -729,6 +758,26 @@ impl FleetHsm {
             _ => Err(HsmError::Unavailable),
         }
     }
+}
+
+/// The voters once `candidate` has replaced the `replaced` holders of its slot. The base is
+/// the last configuration of `membership`, the goal of any change still in its joint phase:
+/// the union of a joint membership would keep a replaced member as a voter for good.
+fn swapped_voters(
+    membership: &openraft::Membership<u64, MemberNode>,
+    replaced: &[u64],
+    candidate: u64,
+) -> BTreeSet<u64> {
+    let mut voters = membership
+        .get_joint_config()
+        .last()
+        .cloned()
+        .unwrap_or_default();
+    for old in replaced {
+        voters.remove(old);
+    }
+    voters.insert(candidate);
+    voters
 }
 
 /// Binding for the join answer, which is sealed before the new member knows the fleet id.

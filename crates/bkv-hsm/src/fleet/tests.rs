@@ -1134,3 +1134,39 @@ async fn deployment_evidence_verifies_and_tampering_is_caught() {
 }
 
 mod insider;
+
+/// Found by bkv-sim (seeds 73 and 134 of five-member runs): a swap cut short in its joint
+/// phase left the union of both halves as the base of the next swap, so a dead member
+/// stayed a voter for good and two more losses stopped the fleet.
+#[test]
+fn a_swap_after_an_unfinished_one_builds_on_its_goal_not_the_union() {
+    use std::collections::{BTreeMap, BTreeSet};
+    let nodes: BTreeMap<u64, MemberNode> = [1, 2, 3, 4, 5, 6]
+        .into_iter()
+        .map(|id| {
+            (
+                id,
+                MemberNode {
+                    dc: format!("dc{id}"),
+                },
+            )
+        })
+        .collect();
+    // dc2's old member (2) was being replaced by 6 when the leader lost office.
+    let joint = openraft::Membership::new(
+        vec![
+            BTreeSet::from([1, 2, 3, 4, 5]),
+            BTreeSet::from([1, 6, 3, 4, 5]),
+        ],
+        nodes.clone(),
+    );
+    // Now dc4's member (4) is replaced by 7: 2 must not come back.
+    let voters = super::swapped_voters(&joint, &[4], 7);
+    assert_eq!(voters, BTreeSet::from([1, 3, 5, 6, 7]));
+    // A settled membership swaps as before.
+    let settled = openraft::Membership::new(vec![BTreeSet::from([1, 2, 3])], nodes);
+    assert_eq!(
+        super::swapped_voters(&settled, &[2], 8),
+        BTreeSet::from([1, 3, 8])
+    );
+}
