@@ -36,6 +36,9 @@ pub enum ClientError {
     /// The vault could not be reached or could not serve; nothing changed.
     #[error("vault unavailable: {0}")]
     Unavailable(String),
+    /// Too many calls for this account at the frontend; nothing was done. Retry later.
+    #[error("rate limited: {0}")]
+    RateLimited(String),
     /// The fleet's leader changed in the middle of a two-step exchange (its pending state
     /// is gone); a recovery's guess stays spent. Retrying is safe.
     #[error("interrupted by a change of the vault's leader ({0}); try again")]
@@ -83,7 +86,9 @@ impl ClientError {
         match self {
             ClientError::WrongPin { .. } => exit::WRONG_PIN,
             ClientError::NotEnrolled | ClientError::Destroyed => exit::NO_KEY,
-            ClientError::Unavailable(_) | ClientError::Interrupted(_) => exit::UNAVAILABLE,
+            ClientError::Unavailable(_)
+            | ClientError::Interrupted(_)
+            | ClientError::RateLimited(_) => exit::UNAVAILABLE,
             ClientError::Trust(_) => exit::TRUST,
             ClientError::Unauthenticated(_)
             | ClientError::Config { .. }
@@ -109,7 +114,8 @@ impl ClientError {
             (Reason::Unauthenticated, _) | (_, Code::Unauthenticated) => {
                 ClientError::Unauthenticated(status.message().to_string())
             }
-            (Reason::Unavailable | Reason::Busy | Reason::NotLeader | Reason::RateLimited, _)
+            (Reason::RateLimited, _) => ClientError::RateLimited(status.message().to_string()),
+            (Reason::Unavailable | Reason::Busy | Reason::NotLeader, _)
             | (
                 _,
                 Code::Unavailable

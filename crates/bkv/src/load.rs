@@ -239,6 +239,7 @@ fn error_kind(e: &ClientError) -> String {
         ClientError::Destroyed => "destroyed",
         ClientError::Unavailable(_) => "unavailable",
         ClientError::Interrupted(_) => "interrupted",
+        ClientError::RateLimited(_) => "rate-limited",
         ClientError::Trust(_) => "trust",
         ClientError::Unauthenticated(_) => "unauthenticated",
         ClientError::Config { .. } => "config",

@@ -23,7 +23,7 @@ Exit codes:
   3  wrong PIN (stderr: \"wrong PIN: N attempts left\")
   4  no key to recover (never enrolled, or destroyed after too many wrong PINs),
      or no backup to restore
-  5  vault (or backup store) unreachable or unavailable
+  5  vault (or backup store) unreachable or unavailable, or rate limited (retry)
   6  trust failure (the vault's key is not the pinned fleet key, or its validation
      bundle is missing, badly signed, tampered, older than one already seen, or does
      not list the vault's fleet); for `bkv audit`, any gap or inconsistency";

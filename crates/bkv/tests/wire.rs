@@ -375,6 +375,10 @@ async fn insider_flooding_one_user_is_rate_limited_and_other_users_are_served() 
     let error = bkv_client::ClientError::from_status(refusal);
     assert_eq!(error.exit_code(), 5);
     assert!(
+        matches!(error, bkv_client::ClientError::RateLimited(_)),
+        "{error}"
+    );
+    assert!(
         error
             .to_string()
             .contains("too many calls for this account"),
