@@ -367,6 +367,8 @@ pub async fn run(args: LoadArgs) -> Result<(), Failure> {
 
     let processes = fleet_processes(&dir);
     let cpu_before: Vec<Option<f64>> = processes.iter().map(|(_, pid)| cpu_seconds(*pid)).collect();
+    // The load generator's own CPU: the client side of every operation (OPAQUE, Argon2id).
+    let client_cpu_before = cpu_seconds(std::process::id());
     let tally = Arc::new(Mutex::new(Tally::default()));
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
@@ -426,6 +428,10 @@ pub async fn run(args: LoadArgs) -> Result<(), Failure> {
         .filter_map(|((name, pid), before)| Some((name.clone(), cpu_seconds(*pid)? - before?)))
         .collect();
     let fleet_cpu: f64 = cpu.iter().map(|(_, s)| s).sum();
+    let client_cpu = cpu_seconds(std::process::id())
+        .zip(client_cpu_before)
+        .map(|(after, before)| after - before)
+        .unwrap_or(0.0);
 
     let mut tally = Arc::try_unwrap(tally)
         .map_err(|_| anyhow::anyhow!("workers still running"))?
@@ -476,6 +482,8 @@ pub async fn run(args: LoadArgs) -> Result<(), Failure> {
         "fleet_cpu_s": fleet_cpu,
         "fleet_cpu_ms_per_op": if ok > 0 { fleet_cpu * 1000.0 / ok as f64 } else { 0.0 },
         "cpu_by_process_s": cpu.iter().map(|(n, s)| (n.clone(), *s)).collect::<BTreeMap<_, _>>(),
+        "client_cpu_s": client_cpu,
+        "client_cpu_ms_per_op": if ok > 0 { client_cpu * 1000.0 / ok as f64 } else { 0.0 },
         "floor": floor.map(|f| serde_json::json!({
             "server_recover_us": f.recover_us, "server_enroll_us": f.enroll_us, "cores": f.cores,
             "recoveries_per_s": f.recover_limit(), "enrollments_per_s": f.enroll_limit(),
@@ -516,6 +524,14 @@ pub async fn run(args: LoadArgs) -> Result<(), Failure> {
         cpu.iter()
             .map(|(n, s)| format!("{n}={s:.2}"))
             .collect::<Vec<_>>()
+    );
+    println!(
+        "client CPU (this load generator): {client_cpu:.2} s ({:.3} ms per op)",
+        if ok > 0 {
+            client_cpu * 1000.0 / ok as f64
+        } else {
+            0.0
+        }
     );
     if let Some(f) = floor {
         print_floor(&f);
