@@ -143,6 +143,13 @@ impl Trust {
         };
         let verified = self.verify_bundle(bundle)?;
         let mut state = ota.state.lock().unwrap_or_else(|e| e.into_inner());
+        // Another client process may have seen a newer epoch since this one started.
+        if let Some(path) = &ota.path {
+            let disk = load_state(path)?;
+            if disk.namespace == ota.namespace && disk.highest_epoch > state.highest_epoch {
+                *state = disk;
+            }
+        }
         let role = verified
             .admit(&key, state.highest_epoch, allowed)
             .map_err(TrustError::Bundle)?;
@@ -205,7 +212,10 @@ fn load_state(path: &std::path::Path) -> Result<TrustState, ClientError> {
 
 fn save_state(path: &std::path::Path, state: &TrustState) -> Result<(), ClientError> {
     use std::io::Write;
-    let tmp = path.with_extension("tmp");
+    // A name of its own, so that clients saving at once never trample each other's file.
+    let mut nonce = [0u8; 8];
+    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut nonce);
+    let tmp = path.with_extension(format!("{}.{}.tmp", std::process::id(), hex::encode(nonce)));
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create(true).truncate(true);
     #[cfg(unix)]
@@ -218,5 +228,37 @@ fn save_state(path: &std::path::Path, state: &TrustState) -> Result<(), ClientEr
         .open(&tmp)
         .and_then(|mut f| f.write_all(&bytes).and_then(|_| f.sync_all()))
         .and_then(|_| std::fs::rename(&tmp, path))
-        .map_err(|e| state_error(path, format!("cannot record the epoch seen: {e}")))
+        .map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            state_error(path, format!("cannot record the epoch seen: {e}"))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trust_state_round_trips_and_damage_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("trust-state.json");
+        let seen = |epoch| TrustState {
+            namespace: "ns".into(),
+            highest_epoch: epoch,
+            fleets: vec![],
+        };
+        save_state(&path, &seen(3)).unwrap();
+        assert_eq!(load_state(&path).unwrap(), seen(3));
+        save_state(&path, &seen(4)).unwrap();
+        assert_eq!(load_state(&path).unwrap().highest_epoch, 4);
+        // No temporary file is left behind.
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names.len(), 1, "{names:?}");
+        // A damaged state is an error, not a fresh start.
+        std::fs::write(&path, b"{not json").unwrap();
+        assert!(load_state(&path).is_err());
+    }
 }
