@@ -289,16 +289,20 @@ impl VaultClient {
             .await
             .map_err(|s| self.refused(s))?
             .into_inner();
+        // A ticket that does not open must not cost the user the key it came with.
         let ticket = match role {
-            Role::RecoverOnly => {
-                Some(proven.open_ticket(&answer.login_id, &released.sealed_retire_ticket)?)
-            }
+            Role::RecoverOnly => Some(
+                proven
+                    .open_ticket(&answer.login_id, &released.sealed_retire_ticket)
+                    .map_err(|e| e.to_string()),
+            ),
             _ => None,
         };
         let key = proven.open(&answer.login_id, &released.sealed_wrapped_key)?;
         let moved = match ticket {
             None => None,
-            Some(ticket) => Some(self.move_record(user, pin, &key, ticket, &pinned).await),
+            Some(Err(why)) => Some(Moved::Failed(why)),
+            Some(Ok(ticket)) => Some(self.move_record(user, pin, &key, ticket, &pinned).await),
         };
         Ok(Recovered {
             key,

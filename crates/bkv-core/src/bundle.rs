@@ -304,6 +304,13 @@ pub enum BundleError {
     },
 }
 
+/// Whether `s` is exactly 64 lower-case hex digits (the one spelling of a 32-byte key).
+pub fn canonical_hex32(s: &str) -> bool {
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
 /// Checks an Ed25519 signature strictly (no malleable or small-order forms), as Plexi does.
 pub fn ed25519_verify(key: &[u8; 32], message: &[u8], signature: &[u8]) -> bool {
     let (Ok(key), Ok(signature)) = (
@@ -367,6 +374,21 @@ impl Bundle {
                 "artifact version {} (expected {ARTIFACT_VERSION})",
                 artifact.version
             )));
+        }
+        // One spelling per key: an auditor comparing epochs must never see one fleet twice.
+        let mut keys = std::collections::BTreeSet::new();
+        for fleet in &artifact.fleets {
+            if !canonical_hex32(&fleet.fleet_key) || !canonical_hex32(&fleet.id) {
+                return Err(BundleError::Malformed(
+                    "a fleet key or id is not 64 lower-case hex digits".into(),
+                ));
+            }
+            if !keys.insert(fleet.fleet_key.as_str()) {
+                return Err(BundleError::Malformed(format!(
+                    "fleet {} is listed twice",
+                    fleet.fleet_key
+                )));
+            }
         }
         if artifact.namespace != w.namespace {
             return Err(BundleError::Namespace(format!(

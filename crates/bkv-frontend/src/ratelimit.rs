@@ -91,9 +91,8 @@ impl Buckets {
         if bucket.tokens >= 1.0 {
             Ok(())
         } else {
-            Err(Duration::from_secs_f64(
-                (1.0 - bucket.tokens) / self.rate_per_sec,
-            ))
+            let wait = (1.0 - bucket.tokens) / self.rate_per_sec;
+            Err(Duration::try_from_secs_f64(wait).unwrap_or(Duration::from_secs(3600)))
         }
     }
 
@@ -118,7 +117,8 @@ impl Buckets {
 /// The limits of one frontend.
 pub struct AccountLimiter {
     calls: Mutex<Buckets>,
-    guesses: Mutex<Buckets>,
+    /// None when guesses have no limit of their own.
+    guesses: Option<Mutex<Buckets>>,
 }
 
 impl std::fmt::Debug for AccountLimiter {
@@ -132,10 +132,12 @@ impl AccountLimiter {
     pub fn new(limit: RateLimit) -> Option<Self> {
         limit.is_on().then(|| Self {
             calls: Mutex::new(Buckets::new(limit.per_second, limit.burst)),
-            guesses: Mutex::new(Buckets::new(
-                limit.guesses_per_minute.max(f64::MIN_POSITIVE) / 60.0,
-                limit.guess_burst,
-            )),
+            guesses: (limit.guesses_per_minute > 0.0).then(|| {
+                Mutex::new(Buckets::new(
+                    limit.guesses_per_minute / 60.0,
+                    limit.guess_burst,
+                ))
+            }),
         })
     }
 
@@ -148,9 +150,9 @@ impl AccountLimiter {
         now: Instant,
     ) -> Result<(), Duration> {
         let mut calls = self.calls.lock().unwrap_or_else(|e| e.into_inner());
-        let mut guesses = self.guesses.lock().unwrap_or_else(|e| e.into_inner());
         calls.peek(account, now)?;
-        if spends_guess {
+        if let (true, Some(guesses)) = (spends_guess, &self.guesses) {
+            let mut guesses = guesses.lock().unwrap_or_else(|e| e.into_inner());
             guesses.peek(account, now)?;
             guesses.take(account, now);
         }
@@ -208,6 +210,20 @@ mod tests {
         let t1 = t0 + Duration::from_secs(10);
         assert!(limiter.admit(&alice(), true, t1).is_ok());
         assert!(limiter.admit(&alice(), true, t1).is_err());
+    }
+
+    #[test]
+    fn no_guess_limit_of_its_own_never_panics() {
+        let limit = RateLimit {
+            guesses_per_minute: 0.0,
+            ..RateLimit::default()
+        };
+        let limiter = AccountLimiter::new(limit).unwrap();
+        let t0 = Instant::now();
+        for _ in 0..30 {
+            assert!(limiter.admit(&alice(), true, t0).is_ok());
+        }
+        assert!(limiter.admit(&alice(), true, t0).is_err());
     }
 
     #[test]

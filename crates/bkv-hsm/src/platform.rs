@@ -88,6 +88,13 @@ impl SoftwarePlatform {
     }
 }
 
+/// The public platform root of the development platform key: what auditors pin.
+pub fn software_platform_root(platform_key: &[u8; 32]) -> [u8; 32] {
+    SigningKey::from_bytes(platform_key)
+        .verifying_key()
+        .to_bytes()
+}
+
 impl Platform for SoftwarePlatform {
     fn now_millis(&self) -> u64 {
         self.started.elapsed().as_millis() as u64

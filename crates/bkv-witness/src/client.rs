@@ -65,15 +65,28 @@ impl WitnessClient {
                 reason: e.to_string(),
             })?;
         let status = response.status();
-        let body = response
-            .bytes()
+        // Read at most a bundle's worth: a hostile witness cannot exhaust our memory.
+        let too_large = || WitnessError::Malformed("answer too large".into());
+        if response
+            .content_length()
+            .is_some_and(|n| n > MAX_BUNDLE_BYTES as u64)
+        {
+            return Err(too_large());
+        }
+        let mut response = response;
+        let mut body = Vec::new();
+        while let Some(chunk) = response
+            .chunk()
             .await
             .map_err(|e| WitnessError::Unreachable {
                 url: url.into(),
                 reason: e.to_string(),
-            })?;
-        if body.len() > MAX_BUNDLE_BYTES {
-            return Err(WitnessError::Malformed("answer too large".into()));
+            })?
+        {
+            if body.len() + chunk.len() > MAX_BUNDLE_BYTES {
+                return Err(too_large());
+            }
+            body.extend_from_slice(&chunk);
         }
         if !status.is_success() {
             let reason = serde_json::from_slice::<serde_json::Value>(&body)

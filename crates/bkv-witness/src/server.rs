@@ -126,6 +126,13 @@ async fn submit(
     State(w): State<Arc<Witness>>,
     Json(s): Json<Submission>,
 ) -> Result<Json<WitnessSignature>, ApiError> {
+    // The logged entry wraps the artifact; leave it room below every reader's limit.
+    if s.artifact.len() > MAX_BUNDLE_BYTES / 2 {
+        return Err(ApiError(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("an artifact is at most {} bytes", MAX_BUNDLE_BYTES / 2),
+        ));
+    }
     let artifact: Artifact = serde_json::from_str(&s.artifact)
         .map_err(|e| bad_request(format!("the artifact is not a fleet-key artifact: {e}")))?;
     if artifact.namespace != w.namespace {

@@ -193,6 +193,16 @@ pub fn write_fleet(
     let mut platform_key = zeroize::Zeroizing::new([0u8; 32]);
     rand::rngs::OsRng.fill_bytes(platform_key.as_mut());
     write_private(&dir.join("platform.key"), platform_key.as_ref())?;
+    // Public: the root auditors pin (`bkv audit --platform-root`), as they would pin an
+    // HSM vendor's.
+    crate::fleet::write_public(
+        &dir.join("platform-root.hex"),
+        format!(
+            "{}\n",
+            hex::encode(bkv_hsm::platform::software_platform_root(&platform_key))
+        )
+        .as_bytes(),
+    )?;
     let (auth, dev) = match auth {
         Some(auth) => (auth, None),
         None => {

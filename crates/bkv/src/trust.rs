@@ -380,6 +380,67 @@ pub async fn bundle_command(config: &Path, out: &Path) -> Result<(), Failure> {
     Ok(())
 }
 
+/// What an auditor pins beyond the witness and operator keys: the HSM platform roots
+/// (the vendor's attestation keys) and, optionally, the code measurements it accepts.
+/// Without them, evidence could be signed by a root the publisher made up.
+#[derive(clap::Args, Clone, Debug)]
+pub struct EvidencePins {
+    /// A platform root (Ed25519, hex) that may certify HSMs; repeat for several.
+    #[arg(long = "platform-root", value_name = "HEX")]
+    platform_roots: Vec<String>,
+    /// A code measurement (SHA-256, hex) fleets may run; repeat for several. Any, if absent.
+    #[arg(long = "measurement", value_name = "HEX")]
+    measurements: Vec<String>,
+}
+
+struct Pins {
+    roots: Vec<[u8; 32]>,
+    measurements: Vec<[u8; 32]>,
+}
+
+impl EvidencePins {
+    fn parse(&self) -> Result<Pins, Failure> {
+        let parse = |v: &Vec<String>, what: &str| {
+            v.iter()
+                .map(|h| parse_key(h, what).map_err(|e| Failure::new(exit::USAGE, e)))
+                .collect::<Result<Vec<_>, _>>()
+        };
+        Ok(Pins {
+            roots: parse(&self.platform_roots, "--platform-root")?,
+            measurements: parse(&self.measurements, "--measurement")?,
+        })
+    }
+}
+
+/// Checks one fleet's evidence, and (when pinned) that its platform root and code are
+/// pinned ones. Returns the platform root.
+fn check_evidence(entry: &FleetEntry, pins: &Pins) -> anyhow::Result<[u8; 32]> {
+    let root = bkv_hsm::evidence::verify_evidence(entry)
+        .map_err(|e| anyhow::anyhow!("fleet {}: bad evidence: {e}", entry.fleet_key))?;
+    if !pins.roots.is_empty() && !pins.roots.contains(&root) {
+        anyhow::bail!(
+            "fleet {}: certified by platform root {}, which is not a pinned one",
+            entry.fleet_key,
+            hex::encode(root)
+        );
+    }
+    if !pins.measurements.is_empty() {
+        let mut code = entry.evidence.ceremony.approved_measurements.clone();
+        code.push(entry.evidence.measurement.clone());
+        for m in code {
+            let m = parse_key(&m, "measurement")?;
+            if !pins.measurements.contains(&m) {
+                anyhow::bail!(
+                    "fleet {}: approves code {}, which is not a pinned measurement",
+                    entry.fleet_key,
+                    hex::encode(m)
+                );
+            }
+        }
+    }
+    Ok(root)
+}
+
 /// Arguments of `bkv fleet verify-bundle`.
 #[derive(clap::Args)]
 pub struct VerifyBundleArgs {
@@ -398,6 +459,9 @@ pub struct VerifyBundleArgs {
     /// Refuse epochs older than this one (the highest seen).
     #[arg(long, default_value_t = 0)]
     min_epoch: u64,
+    /// Also check every fleet against these pins.
+    #[command(flatten)]
+    pins: EvidencePins,
 }
 
 /// Runs `bkv fleet verify-bundle`: exit 0, or 6 with the reason.
@@ -425,13 +489,9 @@ pub fn verify_bundle_command(args: VerifyBundleArgs) -> Result<(), Failure> {
             .admit(&key, args.min_epoch, &[Role::Active])
             .map_err(trust_failure)?;
     }
+    let pins = args.pins.parse()?;
     for entry in &verified.artifact.fleets {
-        bkv_hsm::evidence::verify_evidence(entry).map_err(|e| {
-            trust_failure(anyhow::anyhow!(
-                "fleet {}: bad evidence: {e}",
-                entry.fleet_key
-            ))
-        })?;
+        check_evidence(entry, &pins).map_err(trust_failure)?;
     }
     println!(
         "ok: epoch {} of {} signed by the witness and counter-signed by the operator; {}",
@@ -457,6 +517,9 @@ pub struct AuditArgs {
     /// Print JSON for machines.
     #[arg(long)]
     json: bool,
+    /// The HSM platform roots (at least one) and code measurements fleets must use.
+    #[command(flatten)]
+    pins: EvidencePins,
 }
 
 /// One epoch as the auditor reports it.
@@ -479,10 +542,17 @@ pub async fn audit(args: AuditArgs) -> Result<(), Failure> {
         operator: parse_key(&args.operator_key, "--operator-key")
             .map_err(|e| Failure::new(exit::USAGE, e))?,
     };
+    let pins = args.pins.parse()?;
+    if pins.roots.is_empty() {
+        return Err(Failure::new(
+            exit::USAGE,
+            anyhow::anyhow!("--platform-root is required: without it, evidence could be certified by a key the publisher made up"),
+        ));
+    }
     let witness = WitnessClient::new(&args.witness).map_err(witness_failure)?;
     let info = witness.info().await.map_err(witness_failure)?;
     let mut reports = Vec::new();
-    let outcome = audit_epochs(&witness, &keys, info.latest_epoch, &mut reports).await;
+    let outcome = audit_epochs(&witness, &keys, &pins, info.latest_epoch, &mut reports).await;
     if args.json {
         let value = serde_json::json!({
             "witness": args.witness,
@@ -533,6 +603,7 @@ pub async fn audit(args: AuditArgs) -> Result<(), Failure> {
 async fn audit_epochs(
     witness: &WitnessClient,
     keys: &BundleKeys,
+    pins: &Pins,
     latest: u64,
     reports: &mut Vec<EpochReport>,
 ) -> anyhow::Result<()> {
@@ -567,8 +638,8 @@ async fn audit_epochs(
         let mut fleets = BTreeMap::new();
         let mut active = 0;
         for entry in &verified.artifact.fleets {
-            let root = bkv_hsm::evidence::verify_evidence(entry)
-                .map_err(|e| anyhow::anyhow!("epoch {epoch}: fleet {}: {e}", entry.fleet_key))?;
+            let root =
+                check_evidence(entry, pins).map_err(|e| anyhow::anyhow!("epoch {epoch}: {e}"))?;
             if let Some(seen) = ceremonies.get(&entry.fleet_key) {
                 if seen != &entry.evidence.ceremony {
                     anyhow::bail!("epoch {epoch}: fleet {} presents a different creation ceremony than before", entry.fleet_key);

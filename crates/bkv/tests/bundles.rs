@@ -40,7 +40,14 @@ fn witness_url(vault: &Vault) -> String {
     config_value(&vault.dir().join("operator.toml"), "witness")
 }
 
-fn audit(vault: &Vault, operator_key: &str) -> std::process::Output {
+fn platform_root(vault: &Vault) -> String {
+    std::fs::read_to_string(vault.dir().join("platform-root.hex"))
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+fn audit_with(vault: &Vault, operator_key: &str, platform_root: &str) -> std::process::Output {
     let witness_key = config_value(&vault.config(), "witness_key");
     run(
         &[
@@ -52,9 +59,15 @@ fn audit(vault: &Vault, operator_key: &str) -> std::process::Output {
             &witness_key,
             "--operator-key",
             operator_key,
+            "--platform-root",
+            platform_root,
         ],
         "",
     )
+}
+
+fn audit(vault: &Vault, operator_key: &str) -> std::process::Output {
+    audit_with(vault, operator_key, &platform_root(vault))
 }
 
 /// An enrollment the client must refuse: exit 6 with `needle`, and no key on the device.
@@ -195,6 +208,23 @@ fn over_the_air_clients_refuse_bad_bundles_and_store_nothing() {
     assert_eq!(report["epochs"][1]["added"].as_array().unwrap().len(), 0);
     let out = audit(&vault, &"5a".repeat(32));
     assert_fails(&out, 6, "audit FAILED: epoch 1");
+    // Evidence certified by a platform root the auditor does not pin fails too: a
+    // publisher cannot vouch for HSMs with a key of its own making.
+    let out = audit_with(&vault, &operator_key, &"5a".repeat(32));
+    assert_fails(&out, 6, "not a pinned one");
+    let out = run(
+        &[
+            "audit",
+            "--witness",
+            &witness_url(&vault),
+            "--witness-key",
+            &witness_key,
+            "--operator-key",
+            &operator_key,
+        ],
+        "",
+    );
+    assert_fails(&out, 2, "--platform-root is required");
 
     // Offline verification: the epoch-2 bundle from the witness passes; a tampered one exits 6.
     let latest = vault.device("latest.json");
@@ -216,6 +246,8 @@ fn over_the_air_clients_refuse_bad_bundles_and_store_nothing() {
                 &operator_key,
                 "--fleet-key",
                 &fleet_key,
+                "--platform-root",
+                &platform_root(&vault),
             ],
             "",
         )

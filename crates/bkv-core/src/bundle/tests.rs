@@ -244,3 +244,18 @@ mod malformed_input {
         }
     }
 }
+
+#[test]
+fn a_fleet_spelled_twice_or_in_upper_case_is_refused() {
+    let (w, o, trusted) = keys();
+    let upper = FLEET_A.to_ascii_uppercase();
+    let b = bundle(1, &artifact(&[(&upper, Role::Active)]), &w, &o);
+    assert!(matches!(b.verify(&trusted), Err(BundleError::Malformed(_))));
+    let b = bundle(
+        1,
+        &artifact(&[(FLEET_A, Role::Active), (FLEET_A, Role::RecoverOnly)]),
+        &w,
+        &o,
+    );
+    assert!(matches!(b.verify(&trusted), Err(BundleError::Malformed(_))));
+}

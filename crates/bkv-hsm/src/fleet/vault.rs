@@ -197,7 +197,17 @@ impl FleetHsm {
         if !self.pending().has_room(account, now) {
             return Err(HsmError::Busy);
         }
-        let generation = self.generation(account)?;
+        let generation = match self.generation(account) {
+            Ok(generation) => generation,
+            // "Not enrolled" or "destroyed" from a new leader still applying its log would
+            // be a wrong answer, and during a rotation the frontend would then look for
+            // the user in an older fleet: confirm it on current state first.
+            Err(HsmError::NotEnrolled | HsmError::Destroyed) => {
+                self.linearize().await?;
+                self.generation(account)?
+            }
+            Err(e) => return Err(e),
+        };
         let attempts_left = match self
             .commit_record(Command::SpendGuess {
                 account: account.clone(),
