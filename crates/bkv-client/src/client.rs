@@ -321,6 +321,18 @@ impl VaultClient {
         ticket: zeroize::Zeroizing<Vec<u8>>,
         from: &[u8; 32],
     ) -> Moved {
+        // The release is the ticket (generation ‖ MAC) and the confirmation key.
+        use bkv_core::seal::{RETIRE_RELEASE_LEN, RETIRE_TICKET_LEN};
+        let (Ok(account), true) = (self.account(user), ticket.len() == RETIRE_RELEASE_LEN) else {
+            return Moved::Failed("the vault released a malformed retire ticket".into());
+        };
+        let (ticket, confirm_key) = ticket.split_at(RETIRE_TICKET_LEN);
+        let mut generation = [0u8; 8];
+        generation.copy_from_slice(&ticket[..8]);
+        let mut key32 = zeroize::Zeroizing::new([0u8; 32]);
+        key32.copy_from_slice(confirm_key);
+        let expected =
+            bkv_core::seal::retire_confirmation(&key32, &account, u64::from_be_bytes(generation));
         if let Err(e) = self.enroll(user, pin, key).await {
             return Moved::Failed(format!("enrolling in the active fleet: {e}"));
         }
@@ -332,9 +344,20 @@ impl VaultClient {
             Err(e) => return Moved::Failed(e.to_string()),
         };
         match self.grpc.retire(request).await {
-            Ok(_) => Moved::Done {
-                from: hex::encode(from),
-            },
+            // Only the old HSM can make this proof: the frontend never saw the key.
+            Ok(answer)
+                if bool::from(subtle::ConstantTimeEq::ct_eq(
+                    &answer.get_ref().confirmation[..],
+                    &expected[..],
+                )) =>
+            {
+                Moved::Done {
+                    from: hex::encode(from),
+                }
+            }
+            Ok(_) => Moved::Failed(
+                "enrolled in the active fleet, but the vault's answer does not prove the old record was retired".into(),
+            ),
             Err(status) => Moved::Failed(format!(
                 "enrolled in the active fleet, but the old record was not retired: {}",
                 self.refused(status)

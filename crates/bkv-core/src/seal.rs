@@ -16,6 +16,35 @@ pub const LABEL_KEY_RELEASE: &[u8] = b"bkv/v1/key-release";
 /// Label of the AEAD that releases a retire ticket under the OPAQUE session key.
 pub const LABEL_RETIRE_TICKET_RELEASE: &[u8] = b"bkv/v1/retire-ticket-release";
 
+/// A retire ticket: the enrollment's generation and a MAC binding it to fleet and account.
+pub const RETIRE_TICKET_LEN: usize = 8 + 32;
+
+/// What a correct PIN releases for retiring: the ticket, then the confirmation key.
+pub const RETIRE_RELEASE_LEN: usize = RETIRE_TICKET_LEN + 32;
+
+/// Label of the HSM's proof that it retired a record.
+const LABEL_RETIRED: &[u8] = b"bkv/v1/retired\0";
+
+/// The proof that a record was retired: HMAC-SHA256 under the confirmation key released
+/// (sealed) with the retire ticket, which the frontend never sees, so it cannot forge it.
+pub fn retire_confirmation(
+    confirm_key: &[u8; 32],
+    account: &crate::AccountId,
+    generation: u64,
+) -> [u8; 32] {
+    use hmac::Mac as _;
+    let mut mac = <hmac::Hmac<Sha512> as hmac::Mac>::new_from_slice(confirm_key)
+        .expect("HMAC takes any key length");
+    let account = account.to_string();
+    mac.update(LABEL_RETIRED);
+    mac.update(&(account.len() as u32).to_be_bytes());
+    mac.update(account.as_bytes());
+    mac.update(&generation.to_be_bytes());
+    let mut out = [0u8; 32];
+    out.copy_from_slice(&mac.finalize().into_bytes()[..32]);
+    out
+}
+
 const NONCE_LEN: usize = 24;
 const TAG_LEN: usize = 16;
 

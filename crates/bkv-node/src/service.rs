@@ -236,11 +236,14 @@ impl Vault for NodeVault {
     ) -> Result<Response<v1::RetireResponse>, Status> {
         let account = self.account(&request)?;
         let body = request.into_inner();
-        self.hsm
+        let confirmation = self
+            .hsm
             .retire(&account, &body.ticket)
             .await
             .map_err(|e| self.fail(e))?;
-        Ok(Response::new(v1::RetireResponse {}))
+        Ok(Response::new(v1::RetireResponse {
+            confirmation: confirmation.to_vec(),
+        }))
     }
 
     async fn bundle(

@@ -1006,8 +1006,14 @@ mod malformed_input {
     }
 }
 
-/// Recovers with the right PIN and opens the retire ticket the HSM released.
+/// Recovers with the right PIN and opens the retire ticket the HSM released (without the
+/// confirmation key that follows it).
 async fn recover_ticket(hsm: &FleetHsm, who: &AccountId, pin: &[u8]) -> Vec<u8> {
+    recover_release(hsm, who, pin).await[..vault::RETIRE_TICKET_LEN].to_vec()
+}
+
+/// The whole retire release: ticket, then confirmation key.
+async fn recover_release(hsm: &FleetHsm, who: &AccountId, pin: &[u8]) -> Vec<u8> {
     let answer = start_login(hsm, who, pin).await.unwrap();
     let (ke3, session, _) = answer.ke3.expect("right PIN");
     let released = hsm
@@ -1059,7 +1065,23 @@ async fn a_retire_ticket_from_a_correct_pin_retires_that_enrollment_only() {
         attempts(&hsm, &bob).await,
         RecordStatus::Active { .. }
     ));
-    // The real one retires alice's record, and only hers.
+    // The real one retires alice's record, and only hers, with a proof only the client
+    // holding the confirmation key can check.
+    let release = recover_release(&hsm, &bob, b"1234").await;
+    let (bob_ticket, bob_confirm) = release.split_at(vault::RETIRE_TICKET_LEN);
+    let proof = hsm.retire(&bob, bob_ticket).await.unwrap();
+    let mut confirm_key = [0u8; 32];
+    confirm_key.copy_from_slice(bob_confirm);
+    let generation = u64::from_be_bytes(bob_ticket[..8].try_into().unwrap());
+    assert_eq!(
+        proof,
+        bkv_core::seal::retire_confirmation(&confirm_key, &bob, generation)
+    );
+    assert_ne!(
+        proof,
+        bkv_core::seal::retire_confirmation(&[0u8; 32], &bob, generation)
+    );
+    enroll(&hsm, &bob, b"1234").await;
     hsm.retire(&alice, &ticket).await.unwrap();
     assert_eq!(attempts(&hsm, &alice).await, RecordStatus::Destroyed);
     assert!(matches!(

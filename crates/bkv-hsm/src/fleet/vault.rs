@@ -27,8 +27,10 @@ const LABEL_RETIRE_KEY: &[u8] = b"bkv/v1/retire-ticket-key";
 /// Label of a retire ticket's MAC.
 const LABEL_RETIRE_MAC: &[u8] = b"bkv/v1/retire-ticket\0";
 
-/// A retire ticket: the enrollment's generation and a MAC binding it to fleet and account.
-pub const RETIRE_TICKET_LEN: usize = 8 + 32;
+/// Label of the key that proves a retirement to the client, derived per ticket.
+const LABEL_RETIRE_CONFIRM_KEY: &[u8] = b"bkv/v1/retire-confirm-key\0";
+
+pub use bkv_core::seal::{RETIRE_RELEASE_LEN, RETIRE_TICKET_LEN};
 
 fn parse_login_id(bytes: &[u8]) -> Result<LoginId, HsmError> {
     bytes
@@ -328,9 +330,11 @@ impl FleetHsm {
             &context,
             &wrapped_key,
         );
-        let mut ticket = Zeroizing::new(Vec::with_capacity(RETIRE_TICKET_LEN));
+        let mut ticket = Zeroizing::new(Vec::with_capacity(RETIRE_RELEASE_LEN));
         ticket.extend_from_slice(&login.generation.to_be_bytes());
         ticket.extend_from_slice(&self.retire_mac(account, login.generation)?);
+        let confirm_key = Zeroizing::new(self.retire_hmac(&[LABEL_RETIRE_CONFIRM_KEY, &ticket])?);
+        ticket.extend_from_slice(&confirm_key[..]);
         let sealed_retire_ticket = seal::seal(
             &mut PlatformRng(self.shared.platform.as_ref()),
             LABEL_RETIRE_TICKET_RELEASE,
@@ -345,24 +349,40 @@ impl FleetHsm {
         })
     }
 
-    fn retire_mac(&self, account: &AccountId, generation: u64) -> Result<[u8; 32], HsmError> {
+    /// HMAC-SHA256 under a key derived from the fleet secrets, over labelled `parts`.
+    fn retire_hmac(&self, parts: &[&[u8]]) -> Result<[u8; 32], HsmError> {
         let secret = self.shared.secret.get().ok_or(HsmError::NotReady)?;
         let ikm = Zeroizing::new(secret.setup.serialize().to_vec());
         let key = seal::derive_key(LABEL_RETIRE_KEY, &ikm, &secret.fleet_key);
         let mut mac = Hmac::<Sha256>::new_from_slice(&key[..]).expect("HMAC takes any key length");
-        let account = account.to_string();
-        mac.update(LABEL_RETIRE_MAC);
-        mac.update(&secret.fleet_key);
-        mac.update(&(account.len() as u32).to_be_bytes());
-        mac.update(account.as_bytes());
-        mac.update(&generation.to_be_bytes());
+        for part in parts {
+            mac.update(part);
+        }
         Ok(mac.finalize().into_bytes().into())
+    }
+
+    fn retire_mac(&self, account: &AccountId, generation: u64) -> Result<[u8; 32], HsmError> {
+        let fleet_key = self
+            .shared
+            .secret
+            .get()
+            .ok_or(HsmError::NotReady)?
+            .fleet_key;
+        let account = account.to_string();
+        self.retire_hmac(&[
+            LABEL_RETIRE_MAC,
+            &fleet_key,
+            &(account.len() as u32).to_be_bytes(),
+            account.as_bytes(),
+            &generation.to_be_bytes(),
+        ])
     }
 
     /// Retires `account`'s record after its owner moved to another fleet: `ticket` comes
     /// from a correct PIN on this very enrollment. A ticket of another fleet, or of an
-    /// enrollment since replaced, changes nothing ([`HsmError::LoginUnknown`]).
-    pub async fn retire(&self, account: &AccountId, ticket: &[u8]) -> Result<(), HsmError> {
+    /// enrollment since replaced, changes nothing ([`HsmError::LoginUnknown`]). Returns the
+    /// proof of retirement the client checks ([`seal::retire_confirmation`]).
+    pub async fn retire(&self, account: &AccountId, ticket: &[u8]) -> Result<[u8; 32], HsmError> {
         let ticket: &[u8; RETIRE_TICKET_LEN] = ticket
             .try_into()
             .map_err(|_| HsmError::Malformed("retire ticket"))?;
@@ -383,7 +403,9 @@ impl FleetHsm {
         {
             Outcome::Retired | Outcome::AlreadyDestroyed => {
                 tracing::info!(%account, "record retired: its owner moved to another fleet");
-                Ok(())
+                let confirm_key =
+                    Zeroizing::new(self.retire_hmac(&[LABEL_RETIRE_CONFIRM_KEY, ticket])?);
+                Ok(seal::retire_confirmation(&confirm_key, account, generation))
             }
             Outcome::NotEnrolled => Err(HsmError::NotEnrolled),
             _ => Err(HsmError::LoginUnknown),
