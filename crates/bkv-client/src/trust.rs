@@ -143,7 +143,13 @@ impl Trust {
         };
         let verified = self.verify_bundle(bundle)?;
         let mut state = ota.state.lock().unwrap_or_else(|e| e.into_inner());
-        // Another client process may have seen a newer epoch since this one started.
+        // Another client process may have seen a newer epoch since this one started. An
+        // exclusive lock spans the read, the check and the write, so two processes never
+        // roll each other's memory back.
+        let _file_lock = match &ota.path {
+            Some(path) => Some(lock_state(path)?),
+            None => None,
+        };
         if let Some(path) = &ota.path {
             let disk = load_state(path)?;
             if disk.namespace == ota.namespace && disk.highest_epoch > state.highest_epoch {
@@ -193,6 +199,19 @@ impl Trust {
             })
         })
     }
+}
+
+/// Takes the trust state's lock file; released when the returned file is dropped.
+fn lock_state(path: &std::path::Path) -> Result<std::fs::File, ClientError> {
+    let lock_path = path.with_extension("lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| state_error(&lock_path, e))?;
+    file.lock().map_err(|e| state_error(&lock_path, e))?;
+    Ok(file)
 }
 
 fn load_state(path: &std::path::Path) -> Result<TrustState, ClientError> {

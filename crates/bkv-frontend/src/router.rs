@@ -62,7 +62,16 @@ pub struct FleetRouter {
     bundle: Option<BundleFile>,
     /// Per-account rate limits, checked once per client call.
     limiter: Option<crate::ratelimit::AccountLimiter>,
+    /// During a rotation: which fleet (0 this one, i + 1 `previous[i]`) made each pending
+    /// login, so that its KE3 goes there and nowhere else.
+    logins: std::sync::Mutex<std::collections::HashMap<Vec<u8>, (usize, Instant)>>,
 }
+
+/// Logins remembered at once during a rotation; older ones are forgotten first.
+const MAX_ROUTED_LOGINS: usize = 100_000;
+
+/// How long a login is remembered (longer than any HSM's login deadline).
+const LOGIN_ROUTE_TTL: Duration = Duration::from_secs(600);
 
 /// The bundle file the operator publishes (`bkv fleet publish`), re-read when it changes.
 struct BundleFile {
@@ -161,6 +170,7 @@ impl FleetRouter {
             previous: Vec::new(),
             bundle: None,
             limiter: None,
+            logins: Default::default(),
         })
     }
 
@@ -228,8 +238,23 @@ impl FleetRouter {
         F: Fn(VaultClient<Channel>, Request<Req>) -> Fut + Clone,
         Fut: Future<Output = Result<Response<Resp>, Status>>,
     {
+        self.across_fleets_from(request, call, not_here).await.1
+    }
+
+    /// [`Self::across_fleets`], saying which fleet answered (0 this one, i + 1 `previous[i]`).
+    async fn across_fleets_from<Req, Resp, F, Fut>(
+        &self,
+        request: Request<Req>,
+        call: F,
+        not_here: impl Fn(&Result<Response<Resp>, Status>) -> bool,
+    ) -> (usize, Result<Response<Resp>, Status>)
+    where
+        Req: Clone,
+        F: Fn(VaultClient<Channel>, Request<Req>) -> Fut + Clone,
+        Fut: Future<Output = Result<Response<Resp>, Status>>,
+    {
         if self.previous.is_empty() {
-            return self.forward(request, call).await;
+            return (0, self.forward(request, call).await);
         }
         let metadata = request.metadata().clone();
         let body = request.into_inner();
@@ -240,15 +265,63 @@ impl FleetRouter {
         };
         let first = self.forward(again(body.clone()), call.clone()).await;
         if !not_here(&first) {
-            return first;
+            return (0, first);
         }
-        for fleet in &self.previous {
+        for (i, fleet) in self.previous.iter().enumerate() {
             let answer = fleet.forward(again(body.clone()), call.clone()).await;
             if !not_here(&answer) {
-                return answer;
+                return (i + 1, answer);
             }
         }
-        first
+        (0, first)
+    }
+
+    /// Remembers which fleet made `login_id` (only while older fleets are routed to).
+    fn remember_login(&self, login_id: &[u8], fleet: usize) {
+        if self.previous.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let mut logins = self.logins.lock().unwrap_or_else(|e| e.into_inner());
+        if logins.len() >= MAX_ROUTED_LOGINS {
+            logins.retain(|_, (_, at)| now.duration_since(*at) < LOGIN_ROUTE_TTL);
+            if logins.len() >= MAX_ROUTED_LOGINS {
+                // Forgotten logins fall back to asking each fleet in turn.
+                logins.clear();
+            }
+        }
+        logins.insert(login_id.to_vec(), (fleet, now));
+    }
+
+    /// Sends a call that continues `login_id` to the fleet that made it, if known; else
+    /// asks each fleet in turn.
+    async fn to_login_fleet<Req, Resp, F, Fut>(
+        &self,
+        login_id: &[u8],
+        request: Request<Req>,
+        call: F,
+    ) -> Result<Response<Resp>, Status>
+    where
+        Req: Clone,
+        F: Fn(VaultClient<Channel>, Request<Req>) -> Fut + Clone,
+        Fut: Future<Output = Result<Response<Resp>, Status>>,
+    {
+        let known = self
+            .logins
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(login_id)
+            .map(|(fleet, _)| *fleet);
+        match known {
+            Some(0) => self.forward(request, call).await,
+            Some(i) if i <= self.previous.len() => {
+                self.previous[i - 1].forward(request, call).await
+            }
+            _ => {
+                self.across_fleets(request, call, |a| reason_is(a, Reason::LoginUnknown))
+                    .await
+            }
+        }
     }
 
     /// The call's `authorization` header and the account its token names, once verified.
@@ -468,13 +541,15 @@ impl Vault for FleetRouter {
         request: Request<v1::RecoverStartRequest>,
     ) -> Result<Response<v1::RecoverStartResponse>, Status> {
         self.limit(&request, true)?;
-        let mut answer = self
-            .across_fleets(
+        let (fleet, answer) = self
+            .across_fleets_from(
                 request,
                 |mut c, r| async move { c.recover_start(r).await },
                 |a| reason_is(a, Reason::NotEnrolled),
             )
-            .await?;
+            .await;
+        let mut answer = answer?;
+        self.remember_login(&answer.get_ref().login_id, fleet);
         answer.get_mut().bundle = self.current_bundle();
         Ok(answer)
     }
@@ -484,11 +559,10 @@ impl Vault for FleetRouter {
         request: Request<v1::RecoverFinishRequest>,
     ) -> Result<Response<v1::RecoverFinishResponse>, Status> {
         self.limit(&request, false)?;
-        self.across_fleets(
-            request,
-            |mut c, r| async move { c.recover_finish(r).await },
-            |a| reason_is(a, Reason::LoginUnknown),
-        )
+        let login_id = request.get_ref().login_id.clone();
+        self.to_login_fleet(&login_id, request, |mut c, r| async move {
+            c.recover_finish(r).await
+        })
         .await
     }
 
@@ -497,11 +571,10 @@ impl Vault for FleetRouter {
         request: Request<v1::RecoverAbortRequest>,
     ) -> Result<Response<v1::RecoverAbortResponse>, Status> {
         self.limit(&request, false)?;
-        self.across_fleets(
-            request,
-            |mut c, r| async move { c.recover_abort(r).await },
-            |a| reason_is(a, Reason::LoginUnknown),
-        )
+        let login_id = request.get_ref().login_id.clone();
+        self.to_login_fleet(&login_id, request, |mut c, r| async move {
+            c.recover_abort(r).await
+        })
         .await
     }
 
