@@ -21,12 +21,7 @@ pub const KSF: KsfParams = KsfParams {
 };
 
 fn argon() -> argon2::Argon2<'static> {
-    argon2::Argon2::new(
-        argon2::Algorithm::Argon2id,
-        argon2::Version::V0x13,
-        argon2::Params::new(KSF.memory_kib, KSF.iterations, KSF.parallelism, None)
-            .expect("valid Argon2 parameters"),
-    )
+    KSF.argon2().expect("a valid test cost")
 }
 
 /// What one client operation ended with.

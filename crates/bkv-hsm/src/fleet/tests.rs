@@ -19,11 +19,7 @@ const KSF: KsfParams = KsfParams {
 };
 
 fn argon() -> argon2::Argon2<'static> {
-    argon2::Argon2::new(
-        argon2::Algorithm::Argon2id,
-        argon2::Version::V0x13,
-        argon2::Params::new(KSF.memory_kib, KSF.iterations, KSF.parallelism, None).unwrap(),
-    )
+    KSF.argon2().expect("a valid test cost")
 }
 
 const CODE: [u8; 32] = [0xC0; 32];
