@@ -344,16 +344,8 @@ impl Bundle {
     /// Checks the witness signature, the digest, the counter-signature and the artifact.
     /// It does not judge the epoch or the fleet: see [`VerifiedBundle::admit`].
     pub fn verify(&self, keys: &BundleKeys) -> Result<VerifiedBundle, BundleError> {
+        self.check_witness(&keys.witness)?;
         let w = &self.witness;
-        if w.ciphersuite != CIPHERSUITE_PROTOBUF_ED25519 || w.version != w.ciphersuite {
-            return Err(BundleError::Ciphersuite(w.ciphersuite));
-        }
-        if artifact_digest(&self.artifact)[..] != w.digest[..] {
-            return Err(BundleError::Digest);
-        }
-        if !ed25519_verify(&keys.witness, &w.message(), &w.signature) {
-            return Err(BundleError::WitnessSignature);
-        }
         let countersignature = self
             .operator_signature
             .as_deref()
@@ -367,6 +359,33 @@ impl Bundle {
         ) {
             return Err(BundleError::OperatorSignature);
         }
+        self.parse_artifact()
+    }
+
+    /// Checks the witness signature and the digest, and the artifact, but not the
+    /// operator's counter-signature: what the witness logged before it was counter-signed
+    /// (an interrupted publication). Clients use [`Bundle::verify`].
+    pub fn verify_witnessed(&self, witness: &[u8; 32]) -> Result<VerifiedBundle, BundleError> {
+        self.check_witness(witness)?;
+        self.parse_artifact()
+    }
+
+    fn check_witness(&self, witness: &[u8; 32]) -> Result<(), BundleError> {
+        let w = &self.witness;
+        if w.ciphersuite != CIPHERSUITE_PROTOBUF_ED25519 || w.version != w.ciphersuite {
+            return Err(BundleError::Ciphersuite(w.ciphersuite));
+        }
+        if artifact_digest(&self.artifact)[..] != w.digest[..] {
+            return Err(BundleError::Digest);
+        }
+        if !ed25519_verify(witness, &w.message(), &w.signature) {
+            return Err(BundleError::WitnessSignature);
+        }
+        Ok(())
+    }
+
+    fn parse_artifact(&self) -> Result<VerifiedBundle, BundleError> {
+        let w = &self.witness;
         let artifact: Artifact = serde_json::from_str(&self.artifact)
             .map_err(|e| BundleError::Malformed(format!("artifact: {e}")))?;
         if artifact.version != ARTIFACT_VERSION {

@@ -172,32 +172,17 @@ async fn latest_verified(
         .epoch(info.latest_epoch)
         .await
         .map_err(witness_failure)?;
-    match latest.verify(keys) {
-        Ok(v) => Ok(Some(v)),
-        // Signed by the witness but not yet counter-signed: an interrupted publication,
-        // which the next publish completes. The witness's own signature must hold.
-        Err(bkv_core::bundle::BundleError::MissingCountersignature)
-            if bkv_core::bundle::artifact_digest(&latest.artifact)[..]
-                == latest.witness.digest[..]
-                && bkv_core::bundle::ed25519_verify(
-                    &keys.witness,
-                    &latest.witness.message(),
-                    &latest.witness.signature,
-                ) =>
-        {
-            let artifact: Artifact = serde_json::from_str(&latest.artifact)
-                .context("the witness logged an artifact that does not parse")?;
-            Ok(Some(VerifiedBundle {
-                epoch: latest.witness.epoch,
-                timestamp: latest.witness.timestamp,
-                namespace: latest.witness.namespace.clone(),
-                artifact,
-            }))
-        }
-        Err(e) => Err(trust_failure(anyhow::anyhow!(
+    // Signed by the witness but not yet counter-signed is an interrupted publication,
+    // which the next publish completes; the witness's own signature must hold either way.
+    let checked = match latest.operator_signature {
+        None => latest.verify_witnessed(&keys.witness),
+        Some(_) => latest.verify(keys),
+    };
+    checked.map(Some).map_err(|e| {
+        trust_failure(anyhow::anyhow!(
             "the witness's latest epoch does not verify: {e}"
-        ))),
-    }
+        ))
+    })
 }
 
 /// Builds the artifact an operator config describes.

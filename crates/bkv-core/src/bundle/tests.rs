@@ -259,3 +259,16 @@ fn a_fleet_spelled_twice_or_in_upper_case_is_refused() {
     );
     assert!(matches!(b.verify(&trusted), Err(BundleError::Malformed(_))));
 }
+
+#[test]
+fn an_uncountersigned_entry_verifies_as_witnessed_only() {
+    let (w, o, trusted) = keys();
+    let mut b = bundle(1, &artifact(&[(FLEET_A, Role::Active)]), &w, &o);
+    b.operator_signature = None;
+    assert_eq!(b.verify_witnessed(&trusted.witness).unwrap().epoch, 1);
+    assert_eq!(b.verify(&trusted), Err(BundleError::MissingCountersignature));
+    assert_eq!(
+        b.verify_witnessed(&trusted.operator),
+        Err(BundleError::WitnessSignature)
+    );
+}
