@@ -266,7 +266,10 @@ fn an_uncountersigned_entry_verifies_as_witnessed_only() {
     let mut b = bundle(1, &artifact(&[(FLEET_A, Role::Active)]), &w, &o);
     b.operator_signature = None;
     assert_eq!(b.verify_witnessed(&trusted.witness).unwrap().epoch, 1);
-    assert_eq!(b.verify(&trusted), Err(BundleError::MissingCountersignature));
+    assert_eq!(
+        b.verify(&trusted),
+        Err(BundleError::MissingCountersignature)
+    );
     assert_eq!(
         b.verify_witnessed(&trusted.operator),
         Err(BundleError::WitnessSignature)

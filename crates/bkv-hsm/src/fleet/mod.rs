@@ -83,6 +83,20 @@ impl Default for HsmConfig {
 struct FleetSecret {
     setup: ServerSetup<Suite>,
     fleet_key: [u8; 32],
+    /// Authenticates retire tickets; derived once, as every recovery uses it.
+    retire_key: zeroize::Zeroizing<[u8; 32]>,
+}
+
+impl FleetSecret {
+    fn new(setup: ServerSetup<Suite>, fleet_key: [u8; 32]) -> Self {
+        let ikm = zeroize::Zeroizing::new(setup.serialize().to_vec());
+        let retire_key = bkv_core::seal::derive_key(vault::LABEL_RETIRE_KEY, &ikm, &fleet_key);
+        Self {
+            setup,
+            fleet_key,
+            retire_key,
+        }
+    }
 }
 
 /// State shared between the Raft storage, the network and the vault operations.
@@ -131,10 +145,7 @@ impl Shared {
                     tracing::error!("the fleet secret sealed to this member does not match the fleet key; not serving");
                 }
                 Ok(setup) => {
-                    let _ = self.secret.set(FleetSecret {
-                        setup,
-                        fleet_key: genesis.fleet_key,
-                    });
+                    let _ = self.secret.set(FleetSecret::new(setup, genesis.fleet_key));
                     tracing::info!("fleet secrets received; this member can serve");
                 }
                 Err(_) => tracing::error!("sealed fleet secret does not decode"),
@@ -378,7 +389,7 @@ impl FleetHsm {
             founder: self.attestation().clone(),
             ceremony_signature,
         };
-        let _ = self.shared.secret.set(FleetSecret { setup, fleet_key });
+        let _ = self.shared.secret.set(FleetSecret::new(setup, fleet_key));
         match self.commit(FleetCommand::Found(genesis)).await? {
             FleetOutcome::Founded => {
                 tracing::info!(fleet_key = %hex(&fleet_key), "fleet founded");

@@ -22,7 +22,7 @@ use zeroize::Zeroizing;
 pub const MAX_WRAPPED_KEY_LEN: usize = 256;
 
 /// Label of the key that authenticates retire tickets, derived from the fleet secrets.
-const LABEL_RETIRE_KEY: &[u8] = b"bkv/v1/retire-ticket-key";
+pub(super) const LABEL_RETIRE_KEY: &[u8] = b"bkv/v1/retire-ticket-key";
 
 /// Label of a retire ticket's MAC.
 const LABEL_RETIRE_MAC: &[u8] = b"bkv/v1/retire-ticket\0";
@@ -352,9 +352,8 @@ impl FleetHsm {
     /// HMAC-SHA256 under a key derived from the fleet secrets, over labelled `parts`.
     fn retire_hmac(&self, parts: &[&[u8]]) -> Result<[u8; 32], HsmError> {
         let secret = self.shared.secret.get().ok_or(HsmError::NotReady)?;
-        let ikm = Zeroizing::new(secret.setup.serialize().to_vec());
-        let key = seal::derive_key(LABEL_RETIRE_KEY, &ikm, &secret.fleet_key);
-        let mut mac = Hmac::<Sha256>::new_from_slice(&key[..]).expect("HMAC takes any key length");
+        let mut mac = Hmac::<Sha256>::new_from_slice(&secret.retire_key[..])
+            .expect("HMAC takes any key length");
         for part in parts {
             mac.update(part);
         }
