@@ -125,6 +125,9 @@ fn auth_status(error: AuthError) -> Status {
     )
 }
 
+/// A verified `authorization` header, as forwarded to the nodes (which check it again).
+type Authorization = MetadataValue<tonic::metadata::Ascii>;
+
 /// Why a router could not be built.
 #[derive(Debug, thiserror::Error)]
 #[error("invalid node address {url}: {source}")]
@@ -180,12 +183,14 @@ impl FleetRouter {
         self
     }
 
-    /// Refuses the call if its account has used up its rate (nothing is forwarded).
-    fn limit<T>(&self, request: &Request<T>, spends_guess: bool) -> Result<(), Status> {
+    /// Verifies the call's account token, once per client call, and refuses the call if
+    /// its account has used up its rate (nothing is forwarded). Returns the header to
+    /// forward.
+    fn admit<T>(&self, request: &Request<T>, spends_guess: bool) -> Result<Authorization, Status> {
+        let (authorization, account) = self.authorization(request)?;
         let Some(limiter) = &self.limiter else {
-            return Ok(());
+            return Ok(authorization);
         };
-        let (_, account) = self.authorization(request)?;
         limiter
             .admit(&account, spends_guess, Instant::now())
             .map_err(|wait| {
@@ -199,7 +204,8 @@ impl FleetRouter {
                         wait.as_millis().max(1)
                     ),
                 )
-            })
+            })?;
+        Ok(authorization)
     }
 
     /// Adds older, recover-only fleets (newest first): users not found in this fleet are
@@ -229,7 +235,8 @@ impl FleetRouter {
     /// or the login is not there (`not_here`).
     async fn across_fleets<Req, Resp, F, Fut>(
         &self,
-        request: Request<Req>,
+        authorization: &Authorization,
+        body: Req,
         call: F,
         not_here: impl Fn(&Result<Response<Resp>, Status>) -> bool,
     ) -> Result<Response<Resp>, Status>
@@ -238,13 +245,16 @@ impl FleetRouter {
         F: Fn(VaultClient<Channel>, Request<Req>) -> Fut + Clone,
         Fut: Future<Output = Result<Response<Resp>, Status>>,
     {
-        self.across_fleets_from(request, call, not_here).await.1
+        self.across_fleets_from(authorization, body, call, not_here)
+            .await
+            .1
     }
 
     /// [`Self::across_fleets`], saying which fleet answered (0 this one, i + 1 `previous[i]`).
     async fn across_fleets_from<Req, Resp, F, Fut>(
         &self,
-        request: Request<Req>,
+        authorization: &Authorization,
+        body: Req,
         call: F,
         not_here: impl Fn(&Result<Response<Resp>, Status>) -> bool,
     ) -> (usize, Result<Response<Resp>, Status>)
@@ -254,21 +264,18 @@ impl FleetRouter {
         Fut: Future<Output = Result<Response<Resp>, Status>>,
     {
         if self.previous.is_empty() {
-            return (0, self.forward(request, call).await);
+            return (0, self.forward(authorization, body, call).await);
         }
-        let metadata = request.metadata().clone();
-        let body = request.into_inner();
-        let again = |body: Req| {
-            let mut r = Request::new(body);
-            *r.metadata_mut() = metadata.clone();
-            r
-        };
-        let first = self.forward(again(body.clone()), call.clone()).await;
+        let first = self
+            .forward(authorization, body.clone(), call.clone())
+            .await;
         if !not_here(&first) {
             return (0, first);
         }
         for (i, fleet) in self.previous.iter().enumerate() {
-            let answer = fleet.forward(again(body.clone()), call.clone()).await;
+            let answer = fleet
+                .forward(authorization, body.clone(), call.clone())
+                .await;
             if !not_here(&answer) {
                 return (i + 1, answer);
             }
@@ -298,7 +305,8 @@ impl FleetRouter {
     async fn to_login_fleet<Req, Resp, F, Fut>(
         &self,
         login_id: &[u8],
-        request: Request<Req>,
+        authorization: &Authorization,
+        body: Req,
         call: F,
     ) -> Result<Response<Resp>, Status>
     where
@@ -313,13 +321,17 @@ impl FleetRouter {
             .get(login_id)
             .map(|(fleet, _)| *fleet);
         match known {
-            Some(0) => self.forward(request, call).await,
+            Some(0) => self.forward(authorization, body, call).await,
             Some(i) if i <= self.previous.len() => {
-                self.previous[i - 1].forward(request, call).await
+                self.previous[i - 1]
+                    .forward(authorization, body, call)
+                    .await
             }
             _ => {
-                self.across_fleets(request, call, |a| reason_is(a, Reason::LoginUnknown))
-                    .await
+                self.across_fleets(authorization, body, call, |a| {
+                    reason_is(a, Reason::LoginUnknown)
+                })
+                .await
             }
         }
     }
@@ -328,7 +340,7 @@ impl FleetRouter {
     fn authorization<T>(
         &self,
         request: &Request<T>,
-    ) -> Result<(MetadataValue<tonic::metadata::Ascii>, bkv_core::AccountId), Status> {
+    ) -> Result<(Authorization, bkv_core::AccountId), Status> {
         let value = request
             .metadata()
             .get("authorization")
@@ -360,7 +372,8 @@ impl FleetRouter {
     /// latency profile, the client's distance is added both ways.
     async fn forward<Req, Resp, F, Fut>(
         &self,
-        request: Request<Req>,
+        authorization: &Authorization,
+        body: Req,
         call: F,
     ) -> Result<Response<Resp>, Status>
     where
@@ -369,14 +382,15 @@ impl FleetRouter {
         Fut: Future<Output = Result<Response<Resp>, Status>>,
     {
         self.delay(|w| w.client_ms()).await;
-        let answer = self.forward_to_leader(request, call).await;
+        let answer = self.forward_to_leader(authorization, body, call).await;
         self.delay(|w| w.client_ms()).await;
         answer
     }
 
     async fn forward_to_leader<Req, Resp, F, Fut>(
         &self,
-        request: Request<Req>,
+        authorization: &Authorization,
+        body: Req,
         call: F,
     ) -> Result<Response<Resp>, Status>
     where
@@ -384,8 +398,6 @@ impl FleetRouter {
         F: Fn(VaultClient<Channel>, Request<Req>) -> Fut,
         Fut: Future<Output = Result<Response<Resp>, Status>>,
     {
-        let (authorization, _) = self.authorization(&request)?;
-        let body = request.into_inner();
         let started = Instant::now();
         let mut backoff = self.config.initial_backoff;
         let mut target = self.leader.load(Ordering::Relaxed) % self.nodes.len();
@@ -519,9 +531,13 @@ impl Vault for FleetRouter {
         &self,
         request: Request<v1::EnrollStartRequest>,
     ) -> Result<Response<v1::EnrollStartResponse>, Status> {
-        self.limit(&request, false)?;
+        let authorization = self.admit(&request, false)?;
         let mut answer = self
-            .forward(request, |mut c, r| async move { c.enroll_start(r).await })
+            .forward(
+                &authorization,
+                request.into_inner(),
+                |mut c, r| async move { c.enroll_start(r).await },
+            )
             .await?;
         answer.get_mut().bundle = self.current_bundle();
         Ok(answer)
@@ -531,19 +547,24 @@ impl Vault for FleetRouter {
         &self,
         request: Request<v1::EnrollFinishRequest>,
     ) -> Result<Response<v1::EnrollFinishResponse>, Status> {
-        self.limit(&request, false)?;
-        self.forward(request, |mut c, r| async move { c.enroll_finish(r).await })
-            .await
+        let authorization = self.admit(&request, false)?;
+        self.forward(
+            &authorization,
+            request.into_inner(),
+            |mut c, r| async move { c.enroll_finish(r).await },
+        )
+        .await
     }
 
     async fn recover_start(
         &self,
         request: Request<v1::RecoverStartRequest>,
     ) -> Result<Response<v1::RecoverStartResponse>, Status> {
-        self.limit(&request, true)?;
+        let authorization = self.admit(&request, true)?;
         let (fleet, answer) = self
             .across_fleets_from(
-                request,
+                &authorization,
+                request.into_inner(),
                 |mut c, r| async move { c.recover_start(r).await },
                 |a| reason_is(a, Reason::NotEnrolled),
             )
@@ -558,11 +579,14 @@ impl Vault for FleetRouter {
         &self,
         request: Request<v1::RecoverFinishRequest>,
     ) -> Result<Response<v1::RecoverFinishResponse>, Status> {
-        self.limit(&request, false)?;
-        let login_id = request.get_ref().login_id.clone();
-        self.to_login_fleet(&login_id, request, |mut c, r| async move {
-            c.recover_finish(r).await
-        })
+        let authorization = self.admit(&request, false)?;
+        let body = request.into_inner();
+        self.to_login_fleet(
+            &body.login_id.clone(),
+            &authorization,
+            body,
+            |mut c, r| async move { c.recover_finish(r).await },
+        )
         .await
     }
 
@@ -570,11 +594,14 @@ impl Vault for FleetRouter {
         &self,
         request: Request<v1::RecoverAbortRequest>,
     ) -> Result<Response<v1::RecoverAbortResponse>, Status> {
-        self.limit(&request, false)?;
-        let login_id = request.get_ref().login_id.clone();
-        self.to_login_fleet(&login_id, request, |mut c, r| async move {
-            c.recover_abort(r).await
-        })
+        let authorization = self.admit(&request, false)?;
+        let body = request.into_inner();
+        self.to_login_fleet(
+            &body.login_id.clone(),
+            &authorization,
+            body,
+            |mut c, r| async move { c.recover_abort(r).await },
+        )
         .await
     }
 
@@ -582,10 +609,11 @@ impl Vault for FleetRouter {
         &self,
         request: Request<v1::StatusRequest>,
     ) -> Result<Response<v1::StatusResponse>, Status> {
-        self.limit(&request, false)?;
+        let authorization = self.admit(&request, false)?;
         let mut answer = self
             .across_fleets(
-                request,
+                &authorization,
+                request.into_inner(),
                 |mut c, r| async move { c.status(r).await },
                 |a| {
                     a.as_ref()
@@ -601,9 +629,10 @@ impl Vault for FleetRouter {
         &self,
         request: Request<v1::RetireRequest>,
     ) -> Result<Response<v1::RetireResponse>, Status> {
-        self.limit(&request, false)?;
+        let authorization = self.admit(&request, false)?;
         self.across_fleets(
-            request,
+            &authorization,
+            request.into_inner(),
             |mut c, r| async move { c.retire(r).await },
             |a| reason_is(a, Reason::LoginUnknown) || reason_is(a, Reason::NotEnrolled),
         )
