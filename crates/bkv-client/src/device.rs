@@ -7,6 +7,48 @@ use std::path::{Path, PathBuf};
 /// File name of the backup key inside a device directory.
 pub const KEY_FILE: &str = "backup.key";
 
+/// Replaces `path` with `bytes` all at once, readable as `mode` says (Unix): a temporary
+/// file of its own beside it, synced, then renamed over it. A reader sees the old file or
+/// the new one, never a torn one, and writers at once never trample each other.
+pub fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    let mut nonce = [0u8; 8];
+    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut nonce);
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = path.with_file_name(format!(
+        ".{name}.{}.{}.tmp",
+        std::process::id(),
+        hex::encode(nonce)
+    ));
+    let written = (|| {
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create_new(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+            options.mode(mode);
+            let file = options.open(&tmp)?;
+            // The umask may have narrowed or the mode widened nothing: set it exactly.
+            file.set_permissions(std::fs::Permissions::from_mode(mode))?;
+            write_and_sync(file, bytes)?;
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = mode;
+            write_and_sync(options.open(&tmp)?, bytes)?;
+        }
+        std::fs::rename(&tmp, path)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
+}
+
+fn write_and_sync(mut file: std::fs::File, bytes: &[u8]) -> std::io::Result<()> {
+    file.write_all(bytes)?;
+    file.sync_all()
+}
+
 /// Why the device's key could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
@@ -65,27 +107,13 @@ impl Device {
         let dir = &self.dir;
         std::fs::create_dir_all(dir).map_err(Self::io(dir))?;
         let path = self.key_path();
-        let tmp = dir.join(format!(".{KEY_FILE}.tmp"));
-        let mut options = std::fs::OpenOptions::new();
-        options.write(true).create(true).truncate(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-            options.mode(0o600);
-            // Tighten a directory we may have just created; ignore dirs we do not own.
-            let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
-        }
-        let mut file = options.open(&tmp).map_err(Self::io(&tmp))?;
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            file.set_permissions(std::fs::Permissions::from_mode(0o600))
-                .map_err(Self::io(&tmp))?;
+            // Tighten a directory we may have just created; ignore dirs we do not own.
+            let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
         }
-        file.write_all(key.as_bytes()).map_err(Self::io(&tmp))?;
-        file.sync_all().map_err(Self::io(&tmp))?;
-        drop(file);
-        std::fs::rename(&tmp, &path).map_err(Self::io(&path))
+        write_atomically(&path, key.as_bytes(), 0o600).map_err(Self::io(&path))
     }
 }
 

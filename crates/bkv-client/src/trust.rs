@@ -230,27 +230,9 @@ fn load_state(path: &std::path::Path) -> Result<TrustState, ClientError> {
 }
 
 fn save_state(path: &std::path::Path, state: &TrustState) -> Result<(), ClientError> {
-    use std::io::Write;
-    // A name of its own, so that clients saving at once never trample each other's file.
-    let mut nonce = [0u8; 8];
-    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut nonce);
-    let tmp = path.with_extension(format!("{}.{}.tmp", std::process::id(), hex::encode(nonce)));
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
     let bytes = serde_json::to_vec_pretty(state).expect("trust state serializes");
-    options
-        .open(&tmp)
-        .and_then(|mut f| f.write_all(&bytes).and_then(|_| f.sync_all()))
-        .and_then(|_| std::fs::rename(&tmp, path))
-        .map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            state_error(path, format!("cannot record the epoch seen: {e}"))
-        })
+    crate::device::write_atomically(path, &bytes, 0o600)
+        .map_err(|e| state_error(path, format!("cannot record the epoch seen: {e}")))
 }
 
 #[cfg(test)]

@@ -9,7 +9,6 @@ use bkv_frontend::{FrontendConfig, NodeAddress};
 use bkv_node::{NodeConfig, PeerAddress};
 use clap::{Args, Subcommand};
 use rand::RngCore;
-use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
@@ -92,29 +91,14 @@ pub struct FleetFiles {
 
 /// Writes `text` to `path` atomically with mode 0600.
 pub fn write_private(path: &Path, text: &[u8]) -> anyhow::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
-    let mut file = options
-        .open(&tmp)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    file.write_all(text)?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+    bkv_client::device::write_atomically(path, text, 0o600)
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// Writes public `bytes` to `path` atomically (mode 0644).
 pub fn write_public(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes)
-        .and_then(|_| std::fs::File::open(&tmp)?.sync_all())
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+    bkv_client::device::write_atomically(path, bytes, 0o644)
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// Free ports on `host`, found by binding and releasing (fine for a dev machine).
