@@ -8,6 +8,8 @@
 use bkv_core::{AccountId, KsfParams};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
 use zeroize::Zeroizing;
 
 /// What an enrollment stores: the OPAQUE password file and the client-wrapped backup key.
@@ -147,10 +149,33 @@ pub enum RecordView<'a> {
     Destroyed,
 }
 
-/// Every record of a fleet.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// Shards of the table. Each is shared copy-on-write, so that a copy of the whole table
+/// (for a snapshot) costs one reference count per shard, and a write made while a copy
+/// is alive duplicates only the shard it touches.
+const SHARDS: usize = 1024;
+
+type Shard = BTreeMap<AccountId, Slot>;
+
+/// Every record of a fleet. Cloning it is cheap (see [`SHARDS`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RecordTable {
-    slots: BTreeMap<AccountId, Slot>,
+    shards: Vec<Arc<Shard>>,
+}
+
+impl Default for RecordTable {
+    fn default() -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| Arc::default()).collect(),
+        }
+    }
+}
+
+// The shard of an account only places it in this HSM's memory: SipHash with fixed keys
+// is stable within the process, which is all that is needed (snapshots carry one map).
+fn shard_of(account: &AccountId) -> usize {
+    let mut hasher = std::hash::DefaultHasher::new();
+    account.hash(&mut hasher);
+    (hasher.finish() % SHARDS as u64) as usize
 }
 
 impl RecordTable {
@@ -161,20 +186,31 @@ impl RecordTable {
 
     /// Number of accounts with a live record.
     pub fn active_records(&self) -> usize {
-        self.slots
-            .values()
-            .filter(|s| matches!(s, Slot::Active(_)))
+        self.slots()
+            .filter(|(_, s)| matches!(s, Slot::Active(_)))
             .count()
     }
 
     /// Every account the table holds a slot for (live or destroyed).
     pub fn accounts(&self) -> impl Iterator<Item = &AccountId> {
-        self.slots.keys()
+        self.slots().map(|(account, _)| account)
+    }
+
+    fn slots(&self) -> impl Iterator<Item = (&AccountId, &Slot)> {
+        self.shards.iter().flat_map(|shard| shard.iter())
+    }
+
+    fn shard(&self, account: &AccountId) -> &Shard {
+        &self.shards[shard_of(account)]
+    }
+
+    fn shard_mut(&mut self, account: &AccountId) -> &mut Shard {
+        Arc::make_mut(&mut self.shards[shard_of(account)])
     }
 
     /// What the table holds for `account`.
     pub fn get(&self, account: &AccountId) -> RecordView<'_> {
-        match self.slots.get(account) {
+        match self.shard(account).get(account) {
             None => RecordView::NotEnrolled,
             Some(Slot::Active(record)) => RecordView::Active(record),
             Some(Slot::Destroyed { .. }) => RecordView::Destroyed,
@@ -189,12 +225,13 @@ impl RecordTable {
                 enrollment,
                 max_attempts,
             } => {
-                let generation = match self.slots.get(account) {
+                let slots = self.shard_mut(account);
+                let generation = match slots.get(account) {
                     None => 1,
                     Some(Slot::Active(r)) => r.generation + 1,
                     Some(Slot::Destroyed { generation }) => generation + 1,
                 };
-                self.slots.insert(
+                slots.insert(
                     account.clone(),
                     Slot::Active(ActiveRecord {
                         generation,
@@ -257,23 +294,68 @@ impl RecordTable {
     }
 
     fn live(&mut self, account: &AccountId, generation: u64) -> Result<&mut ActiveRecord, Outcome> {
-        match self.slots.get_mut(account) {
-            None => Err(Outcome::NotEnrolled),
-            Some(Slot::Destroyed { .. }) => Err(Outcome::AlreadyDestroyed),
-            Some(Slot::Active(r)) if r.generation != generation => Err(Outcome::StaleGeneration),
+        // Refusals only read: a shard a snapshot still holds is copied only for a change.
+        match self.shard(account).get(account) {
+            None => return Err(Outcome::NotEnrolled),
+            Some(Slot::Destroyed { .. }) => return Err(Outcome::AlreadyDestroyed),
+            Some(Slot::Active(r)) if r.generation != generation => {
+                return Err(Outcome::StaleGeneration)
+            }
+            Some(Slot::Active(_)) => {}
+        }
+        match self.shard_mut(account).get_mut(account) {
             Some(Slot::Active(r)) => Ok(r),
+            _ => Err(Outcome::NotEnrolled),
         }
     }
 
     fn destroy(&mut self, account: &AccountId) -> Outcome {
-        let generation = match self.slots.get(account) {
+        let generation = match self.shard(account).get(account) {
             Some(Slot::Active(r)) => r.generation,
             _ => return Outcome::AlreadyDestroyed,
         };
         // Dropping the record zeroizes its secrets (Zeroizing buffers).
-        self.slots
+        self.shard_mut(account)
             .insert(account.clone(), Slot::Destroyed { generation });
         Outcome::Destroyed
+    }
+}
+
+// On the wire (snapshots) the table is one map, whatever the shards.
+impl Serialize for RecordTable {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let len = self.shards.iter().map(|shard| shard.len()).sum();
+        let mut map = serializer.serialize_map(Some(len))?;
+        for (account, slot) in self.slots() {
+            map.serialize_entry(account, slot)?;
+        }
+        map.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for RecordTable {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct TableVisitor;
+        impl<'de> serde::de::Visitor<'de> for TableVisitor {
+            type Value = RecordTable;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a map of accounts to records")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<RecordTable, A::Error> {
+                let mut table = RecordTable::default();
+                while let Some((account, slot)) = map.next_entry::<AccountId, Slot>()? {
+                    if table.shard_mut(&account).insert(account, slot).is_some() {
+                        return Err(serde::de::Error::custom("an account appears twice"));
+                    }
+                }
+                Ok(table)
+            }
+        }
+        deserializer.deserialize_map(TableVisitor)
     }
 }
 

@@ -148,12 +148,10 @@ pub(crate) struct MachineData {
 }
 
 impl MachineData {
-    /// A snapshot of the state as it is now.
-    // The error type is openraft's, fixed by its storage traits.
-    #[allow(clippy::result_large_err)]
-    fn snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
-        let bytes = postcard::to_allocvec(&self.state)
-            .map_err(|e| StorageIOError::read_state_machine(&e))?;
+    /// The state as it is now and the metadata of a snapshot of it. Cheap (the record
+    /// table is copy-on-write), so the state-machine lock is held only for this; the
+    /// copy is serialized afterwards by [`serialize_snapshot`] while entries keep applying.
+    fn freeze(&mut self) -> (FleetState, SnapshotMeta<NodeId, MemberNode>) {
         self.snapshots_built += 1;
         self.has_snapshot = true;
         let snapshot_id = format!(
@@ -161,15 +159,28 @@ impl MachineData {
             self.last_applied.map(|l| l.index).unwrap_or(0),
             self.snapshots_built
         );
-        Ok(Snapshot {
-            meta: SnapshotMeta {
-                last_log_id: self.last_applied,
-                last_membership: self.last_membership.clone(),
-                snapshot_id,
-            },
-            snapshot: Box::new(Cursor::new(bytes)),
-        })
+        let meta = SnapshotMeta {
+            last_log_id: self.last_applied,
+            last_membership: self.last_membership.clone(),
+            snapshot_id,
+        };
+        (self.state.clone(), meta)
     }
+}
+
+/// Serializes a frozen state off the async workers: a large table takes long enough to
+/// hold up heartbeats if it ran on one of them.
+async fn serialize_snapshot(
+    (state, meta): (FleetState, SnapshotMeta<NodeId, MemberNode>),
+) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
+    let bytes = tokio::task::spawn_blocking(move || postcard::to_allocvec(&state))
+        .await
+        .map_err(|e| StorageIOError::read_state_machine(&e))?
+        .map_err(|e| StorageIOError::read_state_machine(&e))?;
+    Ok(Snapshot {
+        meta,
+        snapshot: Box::new(Cursor::new(bytes)),
+    })
 }
 
 /// The state machine: applies committed entries to the [`FleetState`] in `Shared`.
@@ -186,7 +197,8 @@ impl StateMachineStore {
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
-        self.shared.machine().snapshot()
+        let frozen = self.shared.machine().freeze();
+        serialize_snapshot(frozen).await
     }
 }
 
@@ -244,8 +256,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError<NodeId>> {
         let bytes = snapshot.into_inner();
-        let state: FleetState = postcard::from_bytes(&bytes)
-            .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
+        let state: FleetState =
+            tokio::task::spawn_blocking(move || postcard::from_bytes::<FleetState>(&bytes))
+                .await
+                .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?
+                .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
         {
             let mut machine = self.shared.machine();
             machine.state = state;
@@ -260,11 +275,14 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     async fn get_current_snapshot(
         &mut self,
     ) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
-        let mut machine = self.shared.machine();
-        if !machine.has_snapshot {
-            return Ok(None);
-        }
-        // A snapshot of the current state: it covers at least what the last one did.
-        machine.snapshot().map(Some)
+        let frozen = {
+            let mut machine = self.shared.machine();
+            if !machine.has_snapshot {
+                return Ok(None);
+            }
+            // A snapshot of the current state: it covers at least what the last one did.
+            machine.freeze()
+        };
+        serialize_snapshot(frozen).await.map(Some)
     }
 }

@@ -277,3 +277,66 @@ fn retire_destroys_only_the_enrollment_it_names() {
     assert!(third > second);
     assert_eq!(table.apply(&retire(second)), Outcome::StaleGeneration);
 }
+
+fn user(n: u32) -> AccountId {
+    AccountId::new("t", format!("user{n}")).unwrap()
+}
+
+fn enroll_many(table: &mut RecordTable, users: u32) {
+    for n in 0..users {
+        table.apply(&Command::Enroll {
+            account: user(n),
+            enrollment: enrollment(n as u8),
+            max_attempts: 5,
+        });
+    }
+}
+
+#[test]
+fn a_copy_keeps_the_table_as_it_was_while_the_original_changes() {
+    let mut table = RecordTable::new();
+    enroll_many(&mut table, 3_000);
+    let frozen = table.clone();
+    let before = postcard::to_allocvec(&frozen).unwrap();
+    for n in 0..3_000 {
+        table.apply(&Command::SpendGuess {
+            account: user(n),
+            generation: 1,
+        });
+    }
+    table.apply(&Command::Retire {
+        account: user(7),
+        generation: 1,
+    });
+    assert_eq!(postcard::to_allocvec(&frozen).unwrap(), before);
+    let RecordView::Active(record) = frozen.get(&user(7)) else {
+        panic!("the copy lost a record")
+    };
+    assert_eq!(record.attempts_left, 5);
+    assert_eq!(table.get(&user(7)), RecordView::Destroyed);
+    let RecordView::Active(record) = table.get(&user(8)) else {
+        panic!("the original lost a record")
+    };
+    assert_eq!(record.attempts_left, 4);
+}
+
+#[test]
+fn a_table_survives_its_wire_form_and_refuses_an_account_twice() {
+    let mut table = RecordTable::new();
+    enroll_many(&mut table, 2_000);
+    spend(&mut table, 1);
+    let bytes = postcard::to_allocvec(&table).unwrap();
+    let back: RecordTable = postcard::from_bytes(&bytes).unwrap();
+    assert_eq!(back, table);
+    assert_eq!(back.active_records(), 2_000);
+
+    // The same entry written twice in one map.
+    let mut one = RecordTable::new();
+    enroll(&mut one, 1, 3);
+    let (account, slot) = one.slots().next().unwrap();
+    let entry = postcard::to_allocvec(&(account, slot)).unwrap();
+    let once = [&[1u8][..], &entry].concat();
+    assert_eq!(postcard::from_bytes::<RecordTable>(&once).unwrap(), one);
+    let twice = [&[2u8][..], &entry, &entry].concat();
+    assert!(postcard::from_bytes::<RecordTable>(&twice).is_err());
+}
