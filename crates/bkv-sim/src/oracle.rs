@@ -163,10 +163,17 @@ impl Oracle {
     }
 
     fn apply(&mut self, entry: &LedgerEntry) -> Vec<String> {
+        entry
+            .changes
+            .iter()
+            .flat_map(|change| self.apply_change(change))
+            .collect()
+    }
+
+    fn apply_change(&mut self, change: &LedgerChange) -> Vec<String> {
         let mut found = Vec::new();
         let broken = self.broken;
-        match &entry.change {
-            LedgerChange::Other => {}
+        match change {
             LedgerChange::Enroll {
                 account,
                 wrapped_key_digest,

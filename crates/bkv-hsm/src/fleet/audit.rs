@@ -12,11 +12,9 @@ use openraft::EntryPayload;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 
-/// What one applied entry did to the record table.
+/// What one command of an applied entry did to the record table.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LedgerChange {
-    /// Raft's own entries, founding and admissions: nothing to the records.
-    Other,
     /// An enrollment, named by the SHA-256 of its client-wrapped key.
     Enroll {
         /// Whose record.
@@ -63,8 +61,9 @@ pub struct LedgerEntry {
     pub term: u64,
     /// Raft log index of the entry.
     pub index: u64,
-    /// What it did.
-    pub change: LedgerChange,
+    /// What it did, command by command (none for Raft's own entries, founding and
+    /// admissions).
+    pub changes: Vec<LedgerChange>,
 }
 
 /// One record as this member's applied state holds it.
@@ -92,10 +91,16 @@ pub struct AuditView {
     pub records: BTreeMap<AccountId, RecordAudit>,
 }
 
-fn change(payload: &EntryPayload<super::TypeConfig>) -> LedgerChange {
-    let EntryPayload::Normal(FleetCommand::Record(command)) = payload else {
-        return LedgerChange::Other;
-    };
+fn changes(payload: &EntryPayload<super::TypeConfig>) -> Vec<LedgerChange> {
+    match payload {
+        EntryPayload::Normal(FleetCommand::Records(commands)) => {
+            commands.iter().map(change).collect()
+        }
+        _ => Vec::new(),
+    }
+}
+
+fn change(command: &Command) -> LedgerChange {
     match command.clone() {
         Command::Enroll {
             account,
@@ -172,7 +177,7 @@ impl FleetHsm {
             .map(|e| LedgerEntry {
                 term: e.log_id.leader_id.term,
                 index: e.log_id.index,
-                change: change(&e.payload),
+                changes: changes(&e.payload),
             })
             .collect();
         AuditView {

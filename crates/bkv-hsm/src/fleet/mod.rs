@@ -7,6 +7,7 @@
 //! to it), adds it as a learner, and swaps it for the dead member of its datacenter.
 
 pub mod audit;
+mod commit;
 mod network;
 pub mod state;
 mod store;
@@ -63,6 +64,9 @@ pub struct HsmConfig {
     pub heartbeat_ms: u64,
     /// Entries between snapshots (a snapshot lets Raft drop older log entries).
     pub snapshot_every: u64,
+    /// Batches of record commands the leader commits at once; what arrives meanwhile
+    /// waits and goes in the next batch.
+    pub batches_in_flight: usize,
 }
 
 impl Default for HsmConfig {
@@ -75,6 +79,7 @@ impl Default for HsmConfig {
             member_silence_ms: 2_000,
             heartbeat_ms: 100,
             snapshot_every: 50_000,
+            batches_in_flight: 1,
         }
     }
 }
@@ -256,6 +261,7 @@ pub struct FleetHsm {
     registrations: Mutex<PendingRegistrations>,
     config: HsmConfig,
     membership: tokio::sync::Mutex<()>,
+    committer: commit::Committer,
     // A handle on Raft's in-memory log, read by `audit_view`.
     log: LogStore,
 }
@@ -323,9 +329,11 @@ impl FleetHsm {
         )
         .await
         .map_err(|e| HsmError::PeerRefused(format!("raft start: {e}")))?;
+        let committer = commit::Committer::new(raft.clone(), shared.clone(), &config);
         Ok(Arc::new(Self {
             shared,
             raft,
+            committer,
             pending: Mutex::new(PendingLogins::new(config.max_pending_logins)),
             registrations: Mutex::new(PendingRegistrations::new(config.max_pending_logins)),
             config,
@@ -707,47 +715,14 @@ impl FleetHsm {
         let _ = self.raft.shutdown().await;
     }
 
-    fn leader_dc(&self, leader: Option<u64>) -> Option<String> {
-        let leader = leader?;
-        self.shared
-            .machine()
-            .last_membership
-            .membership()
-            .get_node(&leader)
-            .map(|n| n.dc.clone())
-    }
-
     /// Refuses unless this member leads and heard from a majority recently.
     fn check_leader(&self) -> Result<(), HsmError> {
-        let metrics = self.raft.metrics().borrow().clone();
-        if metrics.state != ServerState::Leader {
-            return Err(HsmError::NotLeader {
-                leader_dc: self.leader_dc(metrics.current_leader),
-            });
-        }
-        match metrics.millis_since_quorum_ack {
-            Some(ms) if ms <= self.config.quorum_freshness_ms => Ok(()),
-            _ => Err(HsmError::Unavailable),
-        }
+        self.committer.check_leader()
     }
 
     /// Commits `command` through the fleet's majority; the only way state changes.
     async fn commit(&self, command: FleetCommand) -> Result<FleetOutcome, HsmError> {
-        self.check_leader()?;
-        let write = tokio::time::timeout(
-            Duration::from_millis(self.config.commit_timeout_ms),
-            self.raft.client_write(command),
-        )
-        .await;
-        match write {
-            Ok(Ok(response)) => Ok(response.data),
-            Ok(Err(openraft::error::RaftError::APIError(
-                openraft::error::ClientWriteError::ForwardToLeader(f),
-            ))) => Err(HsmError::NotLeader {
-                leader_dc: f.leader_node.map(|n| n.dc),
-            }),
-            _ => Err(HsmError::Unavailable),
-        }
+        self.committer.commit(command).await
     }
 
     /// Waits until this member leads with a fresh majority and has applied everything

@@ -41,8 +41,9 @@ pub enum FleetCommand {
     Found(Genesis),
     /// Admit a member (before it joins the Raft membership).
     Admit(Admission),
-    /// Change the record table.
-    Record(Command),
+    /// Change the record table: the commands in order, each with its own outcome. The
+    /// leader batches what arrives while a commit is under way into one entry.
+    Records(Vec<Command>),
 }
 
 /// The result of a [`FleetCommand`] (or of a Raft entry that carries none).
@@ -56,8 +57,8 @@ pub enum FleetOutcome {
     Admitted,
     /// The command was refused; nothing changed.
     Refused(String),
-    /// The record table's answer.
-    Record(Outcome),
+    /// The record table's answers, one per command, in order.
+    Records(Vec<Outcome>),
 }
 
 /// Everything a fleet replicates.
@@ -103,11 +104,11 @@ impl FleetState {
                     .insert(admission.attestation.node_id, admission.clone());
                 FleetOutcome::Admitted
             }
-            FleetCommand::Record(command) => {
+            FleetCommand::Records(commands) => {
                 if self.genesis.is_none() {
                     return FleetOutcome::Refused("the fleet is not founded".into());
                 }
-                FleetOutcome::Record(self.table.apply(command))
+                FleetOutcome::Records(commands.iter().map(|c| self.table.apply(c)).collect())
             }
         }
     }
@@ -143,10 +144,10 @@ mod tests {
     #[test]
     fn nothing_happens_before_founding() {
         let mut state = FleetState::default();
-        let spend = FleetCommand::Record(Command::SpendGuess {
+        let spend = FleetCommand::Records(vec![Command::SpendGuess {
             account: AccountId::new("t", "u").unwrap(),
             generation: 1,
-        });
+        }]);
         assert!(matches!(state.apply(&spend), FleetOutcome::Refused(_)));
         let admit = FleetCommand::Admit(Admission {
             attestation: attestation(2, [3; 32]),

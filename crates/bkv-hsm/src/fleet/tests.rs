@@ -1188,3 +1188,40 @@ fn a_swap_after_an_unfinished_one_builds_on_its_goal_not_the_union() {
         BTreeSet::from([1, 3, 8])
     );
 }
+
+#[tokio::test]
+async fn guesses_that_arrive_together_share_an_entry_and_each_gets_its_own_outcome() {
+    let (hsm, _clock) = hsm(5).await;
+    let users: Vec<AccountId> = (0..12).map(|n| account(&format!("u{n}"))).collect();
+    for user in &users {
+        enroll(&hsm, user, b"1234").await;
+    }
+    // alice starts with one guess already spent, so her outcome differs from the others'.
+    start_login(&hsm, &users[0], b"0000").await.unwrap();
+    let before = hsm.audit_view(0).applied_index;
+
+    let mut logins = tokio::task::JoinSet::new();
+    for (n, user) in users.iter().enumerate() {
+        let (hsm, user) = (hsm.clone(), user.clone());
+        logins.spawn(async move { (n, start_login(&hsm, &user, b"1234").await) });
+    }
+    while let Some(joined) = logins.join_next().await {
+        let (n, login) = joined.unwrap();
+        let login = login.unwrap();
+        assert!(login.ke3.is_some());
+        assert_eq!(login.attempts_left, if n == 0 { 3 } else { 4 }, "user {n}");
+    }
+
+    let view = hsm.audit_view(before + 1);
+    let spends: Vec<usize> = view
+        .entries
+        .iter()
+        .map(|e| e.changes.len())
+        .filter(|&n| n > 0)
+        .collect();
+    assert_eq!(spends.iter().sum::<usize>(), users.len());
+    assert!(
+        spends.len() < users.len(),
+        "every guess had an entry of its own: {spends:?}"
+    );
+}

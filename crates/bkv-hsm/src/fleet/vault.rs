@@ -1,7 +1,6 @@
 //! The vault operations of a fleet member: enrollment and recovery, with every guess
 //! committed by the fleet's majority before anything that lets it be tested leaves.
 
-use super::state::{FleetCommand, FleetOutcome};
 use super::FleetHsm;
 use crate::error::{EnrollStarted, HsmError, KeyReleased, RecordStatus, RecoverStarted};
 use crate::pending::{AwaitingKe3, AwaitingUpload, LoginId, RegistrationId};
@@ -40,10 +39,7 @@ fn parse_login_id(bytes: &[u8]) -> Result<LoginId, HsmError> {
 
 impl FleetHsm {
     async fn commit_record(&self, command: Command) -> Result<Outcome, HsmError> {
-        match self.commit(FleetCommand::Record(command)).await? {
-            FleetOutcome::Record(outcome) => Ok(outcome),
-            _ => Err(HsmError::NotReady),
-        }
+        self.committer.commit_record(command).await
     }
 
     fn max_attempts(&self) -> Result<u32, HsmError> {
