@@ -447,6 +447,23 @@ pub async fn run(args: LoadArgs) -> Result<(), Failure> {
     );
     let max = tally.latencies_us.last().copied().unwrap_or(0) as f64 / 1000.0;
 
+    // The leader does every operation's OPAQUE work and drives replication: it is the
+    // busiest node, and the one whose cores bound a fleet whose nodes have machines of
+    // their own (the load generator elsewhere).
+    let busiest = cpu
+        .iter()
+        .filter(|(name, _)| name.starts_with("dc"))
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+        .filter(|_| ok > 0)
+        .map(|(name, s)| (name.clone(), s * 1000.0 / ok as f64));
+    let leader_bound = match (floor, busiest.as_ref()) {
+        (Some(f), Some((_, ms))) if *ms > 0.0 => Some(match args.op {
+            Op::Enroll => f.enroll_us / (ms * 1000.0),
+            _ => f.recover_us / (ms * 1000.0),
+        }),
+        _ => None,
+    };
+
     let wan = config.wan.as_deref().and_then(WanProfile::named);
     let latency_floor_ms = match (wan, args.op) {
         (Some(w), Op::Recover) => {
@@ -491,7 +508,9 @@ pub async fn run(args: LoadArgs) -> Result<(), Failure> {
                 Op::Enroll => throughput / f.enroll_limit(),
                 _ => throughput / f.recover_limit(),
             },
+            "leader_bound_fraction": leader_bound,
         })),
+        "busiest_node": busiest.as_ref().map(|(name, ms)| serde_json::json!({ "name": name, "cpu_ms_per_op": ms })),
         "latency_floor_ms": latency_floor_ms,
         "p50_over_floor": latency_floor_ms.map(|f| p50 / f),
         "p99_over_floor": latency_floor_ms.map(|f| p99 / f),
@@ -541,6 +560,11 @@ pub async fn run(args: LoadArgs) -> Result<(), Failure> {
             f.recover_limit()
         };
         println!("throughput = {:.3} of the crypto floor", throughput / limit);
+        if let (Some((name, ms)), Some(fraction)) = (&busiest, leader_bound) {
+            println!(
+                "busiest node {name}: {ms:.3} ms CPU per op; on cores of its own it would reach {fraction:.3} of the crypto floor"
+            );
+        }
     }
     if let Some(floor_ms) = latency_floor_ms {
         println!(

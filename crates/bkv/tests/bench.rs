@@ -45,6 +45,9 @@ fn load_generator_reports_throughput_latency_errors_and_fleet_cpu() {
     assert!(report["fleet_cpu_s"].as_f64().unwrap() > 0.0);
     // Every member now reports what its records cost in memory.
     let status = vault.fleet_status();
+    // The leader does every operation's OPAQUE work: it is the busiest node.
+    assert_eq!(report["busiest_node"]["name"], status["leader"], "{report}");
+    assert!(report["busiest_node"]["cpu_ms_per_op"].as_f64().unwrap() > 0.0);
     for member in status["members"].as_array().unwrap() {
         assert!(member["records"].as_u64().unwrap() >= 4, "{status}");
         assert!(member["rss_bytes"].as_u64().unwrap() > 0, "{status}");
