@@ -152,7 +152,7 @@ pub enum RecordView<'a> {
 /// Shards of the table. Each is shared copy-on-write, so that a copy of the whole table
 /// (for a snapshot) costs one reference count per shard, and a write made while a copy
 /// is alive duplicates only the shard it touches.
-const SHARDS: usize = 1024;
+const SHARDS: usize = 16_384;
 
 type Shard = BTreeMap<AccountId, Slot>;
 
@@ -160,12 +160,15 @@ type Shard = BTreeMap<AccountId, Slot>;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RecordTable {
     shards: Vec<Arc<Shard>>,
+    // Accounts with a slot, live or destroyed (a slot is never removed).
+    accounts: usize,
 }
 
 impl Default for RecordTable {
     fn default() -> Self {
         Self {
             shards: (0..SHARDS).map(|_| Arc::default()).collect(),
+            accounts: 0,
         }
     }
 }
@@ -189,6 +192,16 @@ impl RecordTable {
         self.slots()
             .filter(|(_, s)| matches!(s, Slot::Active(_)))
             .count()
+    }
+
+    /// How many accounts the table holds a slot for (live or destroyed).
+    pub fn len(&self) -> usize {
+        self.accounts
+    }
+
+    /// Whether the table holds no account at all.
+    pub fn is_empty(&self) -> bool {
+        self.accounts == 0
     }
 
     /// Every account the table holds a slot for (live or destroyed).
@@ -231,7 +244,7 @@ impl RecordTable {
                     Some(Slot::Active(r)) => r.generation + 1,
                     Some(Slot::Destroyed { generation }) => generation + 1,
                 };
-                slots.insert(
+                let replaced = slots.insert(
                     account.clone(),
                     Slot::Active(ActiveRecord {
                         generation,
@@ -240,6 +253,9 @@ impl RecordTable {
                         max_attempts: *max_attempts,
                     }),
                 );
+                if replaced.is_none() {
+                    self.accounts += 1;
+                }
                 Outcome::Enrolled {
                     generation,
                     attempts_left: *max_attempts,
@@ -351,6 +367,7 @@ impl<'de> Deserialize<'de> for RecordTable {
                     if table.shard_mut(&account).insert(account, slot).is_some() {
                         return Err(serde::de::Error::custom("an account appears twice"));
                     }
+                    table.accounts += 1;
                 }
                 Ok(table)
             }

@@ -62,7 +62,9 @@ pub struct HsmConfig {
     pub member_silence_ms: u64,
     /// Raft heartbeat interval.
     pub heartbeat_ms: u64,
-    /// Entries between snapshots (a snapshot lets Raft drop older log entries).
+    /// Record commands applied between snapshots, at least (a snapshot lets Raft drop
+    /// older log entries, which hold the commands in full); a table of more than eight
+    /// times as many accounts snapshots after an eighth of its size.
     pub snapshot_every: u64,
     /// Batches of record commands the leader commits at once; what arrives meanwhile
     /// waits and goes in the next batch.
@@ -112,6 +114,9 @@ pub(crate) struct Shared {
     machine: Mutex<MachineData>,
     secret: OnceLock<FleetSecret>,
     last_heard: Mutex<HashMap<u64, u64>>,
+    // Raised by the state machine when enough record commands were applied since the
+    // last snapshot (see `HsmConfig::snapshot_every`).
+    snapshot_due: tokio::sync::Notify,
 }
 
 impl Shared {
@@ -300,15 +305,16 @@ impl FleetHsm {
             machine: Mutex::new(MachineData::default()),
             secret: OnceLock::new(),
             last_heard: Mutex::new(HashMap::new()),
+            snapshot_due: tokio::sync::Notify::new(),
         });
         let raft_config = Config {
             cluster_name: "bkv".into(),
             heartbeat_interval: config.heartbeat_ms,
             election_timeout_min: config.heartbeat_ms * 4,
             election_timeout_max: config.heartbeat_ms * 8,
-            // A snapshot copies the whole table: large fleets take one rarely (50 000
-            // entries by default, not openraft's 5 000) so as not to spend their time serializing.
-            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(config.snapshot_every),
+            // Snapshots are asked for by the state machine, by record commands applied
+            // rather than by entries: an entry may carry a batch of many.
+            snapshot_policy: openraft::SnapshotPolicy::Never,
             max_in_snapshot_log_to_keep: (config.snapshot_every / 50).max(1),
             purge_batch_size: 1,
             ..Config::default()
@@ -325,10 +331,20 @@ impl FleetHsm {
             Arc::new(raft_config),
             network,
             log.clone(),
-            StateMachineStore::new(shared.clone()),
+            StateMachineStore::new(shared.clone(), config.snapshot_every),
         )
         .await
         .map_err(|e| HsmError::PeerRefused(format!("raft start: {e}")))?;
+        let (trigger, due) = (raft.clone(), shared.clone());
+        tokio::spawn(async move {
+            loop {
+                due.snapshot_due.notified().await;
+                // An error means Raft has stopped: so does this task.
+                if trigger.trigger().snapshot().await.is_err() {
+                    return;
+                }
+            }
+        });
         let committer = commit::Committer::new(raft.clone(), shared.clone(), &config);
         Ok(Arc::new(Self {
             shared,

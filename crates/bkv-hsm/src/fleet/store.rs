@@ -2,7 +2,7 @@
 //! a restarted HSM is a new member that is caught up by its peers (DESIGN.md §4).
 
 use super::{MemberNode, Shared, TypeConfig};
-use crate::fleet::state::{FleetOutcome, FleetState};
+use crate::fleet::state::{FleetCommand, FleetOutcome, FleetState};
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
 use openraft::{
     Entry, EntryPayload, LogId, OptionalSend, RaftLogReader, RaftSnapshotBuilder, SnapshotMeta,
@@ -145,6 +145,8 @@ pub(crate) struct MachineData {
     // which halves memory per record. Only whether one exists is remembered.
     has_snapshot: bool,
     snapshots_built: u64,
+    commands_since_snapshot: u64,
+    snapshot_asked: bool,
 }
 
 impl MachineData {
@@ -154,6 +156,8 @@ impl MachineData {
     fn freeze(&mut self) -> (FleetState, SnapshotMeta<NodeId, MemberNode>) {
         self.snapshots_built += 1;
         self.has_snapshot = true;
+        self.commands_since_snapshot = 0;
+        self.snapshot_asked = false;
         let snapshot_id = format!(
             "{}-{}",
             self.last_applied.map(|l| l.index).unwrap_or(0),
@@ -187,11 +191,15 @@ async fn serialize_snapshot(
 #[derive(Clone)]
 pub(crate) struct StateMachineStore {
     shared: Arc<Shared>,
+    snapshot_every: u64,
 }
 
 impl StateMachineStore {
-    pub(crate) fn new(shared: Arc<Shared>) -> Self {
-        Self { shared }
+    pub(crate) fn new(shared: Arc<Shared>, snapshot_every: u64) -> Self {
+        Self {
+            shared,
+            snapshot_every,
+        }
     }
 }
 
@@ -220,13 +228,18 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     {
         let outcomes = {
             let mut machine = self.shared.machine();
-            entries
+            let outcomes: Vec<FleetOutcome> = entries
                 .into_iter()
                 .map(|entry| {
                     machine.last_applied = Some(entry.log_id);
                     match entry.payload {
                         EntryPayload::Blank => FleetOutcome::None,
-                        EntryPayload::Normal(command) => machine.state.apply(&command),
+                        EntryPayload::Normal(command) => {
+                            if let FleetCommand::Records(commands) = &command {
+                                machine.commands_since_snapshot += commands.len() as u64;
+                            }
+                            machine.state.apply(&command)
+                        }
                         EntryPayload::Membership(membership) => {
                             machine.last_membership =
                                 StoredMembership::new(Some(entry.log_id), membership);
@@ -234,7 +247,19 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                         }
                     }
                 })
-                .collect()
+                .collect();
+            // A snapshot serializes the whole table: a large one is taken after changes in
+            // proportion to its size (an eighth), so that its cost per command stays flat
+            // while the log it lets Raft drop stays small beside the table.
+            let due = self
+                .snapshot_every
+                .max(machine.state.table.len() as u64 / 8);
+            // Asked once: the count restarts when the snapshot is taken.
+            if machine.commands_since_snapshot >= due && !machine.snapshot_asked {
+                machine.snapshot_asked = true;
+                self.shared.snapshot_due.notify_one();
+            }
+            outcomes
         };
         self.shared.after_state_change();
         Ok(outcomes)
@@ -267,6 +292,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             machine.last_applied = meta.last_log_id;
             machine.last_membership = meta.last_membership.clone();
             machine.has_snapshot = true;
+            machine.commands_since_snapshot = 0;
+            machine.snapshot_asked = false;
         }
         self.shared.after_state_change();
         Ok(())

@@ -1225,3 +1225,42 @@ async fn guesses_that_arrive_together_share_an_entry_and_each_gets_its_own_outco
         "every guess had an entry of its own: {spends:?}"
     );
 }
+
+#[tokio::test]
+async fn snapshots_count_record_commands_not_raft_entries() {
+    let transport = Arc::new(LocalTransport::default());
+    let config = HsmConfig {
+        snapshot_every: 20,
+        ..test_config()
+    };
+    let (platform, _clock) = SimulatedPlatform::new(400, CODE);
+    let hsm = FleetHsm::start(Arc::new(platform), "dc1", config, transport.clone())
+        .await
+        .unwrap();
+    hsm.found(5).await.unwrap();
+    let users: Vec<AccountId> = (0..12).map(|n| account(&format!("s{n}"))).collect();
+    for user in &users {
+        enroll(&hsm, user, b"1234").await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(
+        hsm.raft.metrics().borrow().snapshot.is_none(),
+        "12 commands are fewer than 20"
+    );
+    // Twelve guesses at once: one batch, so few entries but 24 commands in all.
+    let mut logins = tokio::task::JoinSet::new();
+    for user in &users {
+        let (hsm, user) = (hsm.clone(), user.clone());
+        logins.spawn(async move { start_login(&hsm, &user, b"1234").await.unwrap() });
+    }
+    while logins.join_next().await.is_some() {}
+    let entries = hsm.raft.metrics().borrow().last_log_index.unwrap_or(0);
+    assert!(
+        entries < 20,
+        "the guesses shared entries: {entries} in the log"
+    );
+    eventually("snapshot taken", || {
+        hsm.raft.metrics().borrow().snapshot.is_some()
+    })
+    .await;
+}

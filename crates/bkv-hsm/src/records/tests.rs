@@ -308,6 +308,12 @@ fn a_copy_keeps_the_table_as_it_was_while_the_original_changes() {
         account: user(7),
         generation: 1,
     });
+    table.apply(&Command::Enroll {
+        account: user(3_000),
+        enrollment: enrollment(1),
+        max_attempts: 5,
+    });
+    assert_eq!((frozen.len(), table.len()), (3_000, 3_001));
     assert_eq!(postcard::to_allocvec(&frozen).unwrap(), before);
     let RecordView::Active(record) = frozen.get(&user(7)) else {
         panic!("the copy lost a record")
@@ -329,6 +335,7 @@ fn a_table_survives_its_wire_form_and_refuses_an_account_twice() {
     let back: RecordTable = postcard::from_bytes(&bytes).unwrap();
     assert_eq!(back, table);
     assert_eq!(back.active_records(), 2_000);
+    assert_eq!(back.len(), 2_000);
 
     // The same entry written twice in one map.
     let mut one = RecordTable::new();
