@@ -154,6 +154,12 @@ impl MachineData {
     /// table is copy-on-write), so the state-machine lock is held only for this; the
     /// copy is serialized afterwards by [`serialize_snapshot`] while entries keep applying.
     fn freeze(&mut self) -> (FleetState, SnapshotMeta<NodeId, MemberNode>) {
+        let meta = self.snapshot_meta();
+        (self.state.clone(), meta)
+    }
+
+    /// Records that a snapshot of the state as it is now exists, and returns its metadata.
+    fn snapshot_meta(&mut self) -> SnapshotMeta<NodeId, MemberNode> {
         self.snapshots_built += 1;
         self.has_snapshot = true;
         self.commands_since_snapshot = 0;
@@ -163,12 +169,11 @@ impl MachineData {
             self.last_applied.map(|l| l.index).unwrap_or(0),
             self.snapshots_built
         );
-        let meta = SnapshotMeta {
+        SnapshotMeta {
             last_log_id: self.last_applied,
             last_membership: self.last_membership.clone(),
             snapshot_id,
-        };
-        (self.state.clone(), meta)
+        }
     }
 }
 
@@ -205,8 +210,16 @@ impl StateMachineStore {
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
-        let frozen = self.shared.machine().freeze();
-        serialize_snapshot(frozen).await
+        // openraft 0.9 keeps only the metadata of a snapshot it has built, to purge its
+        // log (`core::sm::worker`, `build_snapshot`): the bytes would be made and thrown
+        // away. They are made when a member needs them, from the state as it is then
+        // (`get_current_snapshot`). Should anything try to install these, the empty
+        // bytes do not decode: it fails, it does not install an empty table.
+        let meta = self.shared.machine().snapshot_meta();
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(Vec::new())),
+        })
     }
 }
 

@@ -1264,3 +1264,10 @@ async fn snapshots_count_record_commands_not_raft_entries() {
     })
     .await;
 }
+
+#[test]
+fn the_empty_bytes_of_a_built_snapshot_never_install_as_a_state() {
+    // `build_snapshot` hands openraft metadata and no bytes (see store.rs): were they ever
+    // installed, decoding must fail rather than give an empty table.
+    assert!(postcard::from_bytes::<state::FleetState>(&[]).is_err());
+}
