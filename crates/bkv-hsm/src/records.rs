@@ -310,29 +310,24 @@ impl RecordTable {
     }
 
     fn live(&mut self, account: &AccountId, generation: u64) -> Result<&mut ActiveRecord, Outcome> {
-        // Refusals only read: a shard a snapshot still holds is copied only for a change.
-        match self.shard(account).get(account) {
-            None => return Err(Outcome::NotEnrolled),
-            Some(Slot::Destroyed { .. }) => return Err(Outcome::AlreadyDestroyed),
-            Some(Slot::Active(r)) if r.generation != generation => {
-                return Err(Outcome::StaleGeneration)
-            }
-            Some(Slot::Active(_)) => {}
-        }
         match self.shard_mut(account).get_mut(account) {
+            None => Err(Outcome::NotEnrolled),
+            Some(Slot::Destroyed { .. }) => Err(Outcome::AlreadyDestroyed),
+            Some(Slot::Active(r)) if r.generation != generation => Err(Outcome::StaleGeneration),
             Some(Slot::Active(r)) => Ok(r),
-            _ => Err(Outcome::NotEnrolled),
         }
     }
 
     fn destroy(&mut self, account: &AccountId) -> Outcome {
-        let generation = match self.shard(account).get(account) {
-            Some(Slot::Active(r)) => r.generation,
-            _ => return Outcome::AlreadyDestroyed,
+        let Some(slot) = self.shard_mut(account).get_mut(account) else {
+            return Outcome::AlreadyDestroyed;
         };
+        let Slot::Active(record) = slot else {
+            return Outcome::AlreadyDestroyed;
+        };
+        let generation = record.generation;
         // Dropping the record zeroizes its secrets (Zeroizing buffers).
-        self.shard_mut(account)
-            .insert(account.clone(), Slot::Destroyed { generation });
+        *slot = Slot::Destroyed { generation };
         Outcome::Destroyed
     }
 }
@@ -341,8 +336,7 @@ impl RecordTable {
 impl Serialize for RecordTable {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap;
-        let len = self.shards.iter().map(|shard| shard.len()).sum();
-        let mut map = serializer.serialize_map(Some(len))?;
+        let mut map = serializer.serialize_map(Some(self.accounts))?;
         for (account, slot) in self.slots() {
             map.serialize_entry(account, slot)?;
         }
