@@ -26,7 +26,6 @@ fn hsm_config() -> HsmConfig {
         member_silence_ms: 2_000,
         heartbeat_ms: 150,
         snapshot_every: 1_000_000,
-        batches_in_flight: 1,
     }
 }
 

@@ -22,7 +22,9 @@ type Reply = oneshot::Sender<Result<Outcome, HsmError>>;
 #[derive(Default)]
 struct Queue {
     waiting: Vec<(Command, Reply)>,
-    proposers: usize,
+    // One batch at a time: with openraft 0.9 replicating one message per follower at a
+    // time, a second batch in flight would only wait in the log (docs/performance.md).
+    proposing: bool,
 }
 
 /// Checks leadership and commits, batching record commands.
@@ -32,7 +34,6 @@ pub(super) struct Committer {
     shared: Arc<Shared>,
     commit_timeout: Duration,
     quorum_freshness_ms: u64,
-    batches_in_flight: usize,
     queue: Arc<Mutex<Queue>>,
 }
 
@@ -47,7 +48,6 @@ impl Committer {
             shared,
             commit_timeout: Duration::from_millis(config.commit_timeout_ms),
             quorum_freshness_ms: config.quorum_freshness_ms,
-            batches_in_flight: config.batches_in_flight.max(1),
             queue: Arc::default(),
         }
     }
@@ -101,11 +101,7 @@ impl Committer {
         let start_proposer = {
             let mut queue = self.queue.lock().expect("commit queue lock");
             queue.waiting.push((command, reply));
-            let start = queue.proposers < self.batches_in_flight;
-            if start {
-                queue.proposers += 1;
-            }
-            start
+            !std::mem::replace(&mut queue.proposing, true)
         };
         if start_proposer {
             // Its own task: a caller that goes away must not strand the others' commands.
@@ -120,7 +116,7 @@ impl Committer {
             let batch: Vec<(Command, Reply)> = {
                 let mut queue = self.queue.lock().expect("commit queue lock");
                 if queue.waiting.is_empty() {
-                    queue.proposers -= 1;
+                    queue.proposing = false;
                     return;
                 }
                 let take = queue.waiting.len().min(MAX_BATCH);

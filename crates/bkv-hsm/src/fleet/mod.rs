@@ -66,9 +66,6 @@ pub struct HsmConfig {
     /// older log entries, which hold the commands in full); a table of more than eight
     /// times as many accounts snapshots after an eighth of its size.
     pub snapshot_every: u64,
-    /// Batches of record commands the leader commits at once; what arrives meanwhile
-    /// waits and goes in the next batch.
-    pub batches_in_flight: usize,
 }
 
 impl Default for HsmConfig {
@@ -81,7 +78,6 @@ impl Default for HsmConfig {
             member_silence_ms: 2_000,
             heartbeat_ms: 100,
             snapshot_every: 50_000,
-            batches_in_flight: 1,
         }
     }
 }
