@@ -39,6 +39,14 @@ struct ModelRecord {
     spent_since_refill: u32,
 }
 
+/// The model's record if it is live and of `generation`: the only one a command for that
+/// enrollment may change, as in the real table.
+fn live(record: &mut Option<ModelRecord>, generation: u64) -> Option<&mut ModelRecord> {
+    record
+        .as_mut()
+        .filter(|r| !r.destroyed && r.generation == generation)
+}
+
 /// Everything known about one account.
 #[derive(Debug, Default)]
 struct Book {
@@ -198,22 +206,20 @@ impl Oracle {
                 let hide = broken == Some(BrokenMode::UncountedGuess)
                     && !self.hidden.get(account).copied().unwrap_or(false);
                 let book = self.books.entry(account.clone()).or_default();
-                if let Some(r) = book.record.as_mut() {
-                    if !r.destroyed && r.generation == *generation {
-                        if r.attempts_left == 0 {
-                            r.destroyed = true;
-                        } else if hide {
-                            self.hidden.insert(account.clone(), true);
-                        } else {
-                            r.attempts_left -= 1;
-                            r.spent_since_refill += 1;
-                            book.spends += 1;
-                            if r.spent_since_refill > r.max_attempts {
-                                found.push(format!(
-                                    "I1: {account} generation {generation} had {} guesses since its last refill, budget {}",
-                                    r.spent_since_refill, r.max_attempts
-                                ));
-                            }
+                if let Some(r) = live(&mut book.record, *generation) {
+                    if r.attempts_left == 0 {
+                        r.destroyed = true;
+                    } else if hide {
+                        self.hidden.insert(account.clone(), true);
+                    } else {
+                        r.attempts_left -= 1;
+                        r.spent_since_refill += 1;
+                        book.spends += 1;
+                        if r.spent_since_refill > r.max_attempts {
+                            found.push(format!(
+                                "I1: {account} generation {generation} had {} guesses since its last refill, budget {}",
+                                r.spent_since_refill, r.max_attempts
+                            ));
                         }
                     }
                 }
@@ -223,13 +229,11 @@ impl Oracle {
                 generation,
             } => {
                 let book = self.book(account);
-                if let Some(r) = book.record.as_mut() {
-                    if !r.destroyed && r.generation == *generation {
-                        r.attempts_left = r.max_attempts;
-                        r.spent_since_refill = 0;
-                        book.resets += 1;
-                        *book.resets_by_generation.entry(*generation).or_default() += 1;
-                    }
+                if let Some(r) = live(&mut book.record, *generation) {
+                    r.attempts_left = r.max_attempts;
+                    r.spent_since_refill = 0;
+                    book.resets += 1;
+                    *book.resets_by_generation.entry(*generation).or_default() += 1;
                 }
             }
             LedgerChange::Destroy {
@@ -237,8 +241,8 @@ impl Oracle {
                 generation,
             } => {
                 let book = self.book(account);
-                if let Some(r) = book.record.as_mut() {
-                    if !r.destroyed && r.generation == *generation && r.attempts_left == 0 {
+                if let Some(r) = live(&mut book.record, *generation) {
+                    if r.attempts_left == 0 {
                         r.destroyed = true;
                     }
                 }
@@ -248,10 +252,8 @@ impl Oracle {
                 generation,
             } => {
                 let book = self.book(account);
-                if let Some(r) = book.record.as_mut() {
-                    if !r.destroyed && r.generation == *generation {
-                        r.destroyed = true;
-                    }
+                if let Some(r) = live(&mut book.record, *generation) {
+                    r.destroyed = true;
                 }
             }
         }
