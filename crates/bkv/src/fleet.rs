@@ -95,6 +95,17 @@ pub fn write_private(path: &Path, text: &[u8]) -> anyhow::Result<()> {
         .with_context(|| format!("cannot write {}", path.display()))
 }
 
+/// Writes `config` as TOML under a `# header` line to `path`, atomically with mode 0600.
+fn write_private_toml(
+    path: &Path,
+    header: &str,
+    config: &impl serde::Serialize,
+) -> anyhow::Result<()> {
+    let text = toml::to_string_pretty(config)
+        .with_context(|| format!("cannot encode {}", path.display()))?;
+    write_private(path, format!("# {header}\n{text}").as_bytes())
+}
+
 /// Writes public `bytes` to `path` atomically (mode 0644).
 pub fn write_public(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     bkv_client::device::write_atomically(path, bytes, 0o644)
@@ -220,10 +231,10 @@ pub fn write_fleet(
             heartbeat_ms: if wan.is_some() { 500 } else { 100 },
         };
         let path = dir.join(format!("{name}.toml"));
-        let text = toml::to_string_pretty(&config).context("node config")?;
-        write_private(
+        write_private_toml(
             &path,
-            format!("# bkv node config for {name} (written by bkv fleet init)\n{text}").as_bytes(),
+            &format!("bkv node config for {name} (written by bkv fleet init)"),
+            &config,
         )?;
         nodes.push((name.clone(), path, node_addrs[i]));
     }
@@ -245,9 +256,10 @@ pub fn write_fleet(
         previous_fleets: Vec::new(),
     };
     let frontend_path = dir.join("frontend.toml");
-    write_private(
+    write_private_toml(
         &frontend_path,
-        toml::to_string_pretty(&frontend_config)?.as_bytes(),
+        "bkv frontend config (written by bkv fleet init)",
+        &frontend_config,
     )?;
     let trust = write_trust(dir, &auth.audience, witness, &urls)?;
     let mut client = ClientConfig {
@@ -324,13 +336,10 @@ fn write_trust(
         signer: witness_signer,
     };
     let witness_path = dir.join("witness.toml");
-    write_private(
+    write_private_toml(
         &witness_path,
-        format!(
-            "# bkv witness (development: run by a third party in production)\n{}",
-            toml::to_string_pretty(&witness_config)?
-        )
-        .as_bytes(),
+        "bkv witness (development: run by a third party in production)",
+        &witness_config,
     )?;
     let operator = crate::trust::OperatorConfig {
         witness: format!("http://{witness}"),
@@ -345,13 +354,10 @@ fn write_trust(
         }],
     };
     let operator_path = dir.join("operator.toml");
-    write_private(
+    write_private_toml(
         &operator_path,
-        format!(
-            "# bkv operator: what `bkv fleet publish` lists, and with which key\n{}",
-            toml::to_string_pretty(&operator)?
-        )
-        .as_bytes(),
+        "bkv operator: what `bkv fleet publish` lists, and with which key",
+        &operator,
     )?;
     Ok(TrustFiles {
         witness: witness_path,
