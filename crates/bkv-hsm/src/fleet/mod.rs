@@ -277,6 +277,29 @@ impl std::fmt::Debug for FleetHsm {
     }
 }
 
+/// Sends a heartbeat while this member leads and no majority has answered for
+/// `interval_ms`; ends when Raft stops.
+async fn heartbeat_when_idle(raft: Raft<TypeConfig>, interval_ms: u64) {
+    let mut tick = tokio::time::interval(Duration::from_millis((interval_ms / 4).max(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let metrics = raft.metrics().borrow().clone();
+        if metrics.running_state.is_err() {
+            return;
+        }
+        let stale = metrics
+            .millis_since_quorum_ack
+            .is_none_or(|ms| ms >= interval_ms);
+        if metrics.state == ServerState::Leader
+            && stale
+            && raft.trigger().heartbeat().await.is_err()
+        {
+            return;
+        }
+    }
+}
+
 impl FleetHsm {
     /// Starts a member for datacenter `dc` with a fresh identity; it serves nothing until
     /// it founds a fleet or is admitted to one.
@@ -331,6 +354,14 @@ impl FleetHsm {
         )
         .await
         .map_err(|e| HsmError::PeerRefused(format!("raft start: {e}")))?;
+        // openraft 0.9 heartbeats every follower with nothing in flight at each interval,
+        // also in the short gaps between entries (while a client makes its next round
+        // trip); with one AppendEntries in flight per follower, the next entry then waits
+        // a round trip behind it. Entries already keep followers' election timers and the
+        // leader's lease fresh, so a heartbeat goes only when no majority answered for an
+        // interval.
+        raft.runtime_config().heartbeat(false);
+        tokio::spawn(heartbeat_when_idle(raft.clone(), config.heartbeat_ms));
         let (trigger, due) = (raft.clone(), shared.clone());
         tokio::spawn(async move {
             loop {

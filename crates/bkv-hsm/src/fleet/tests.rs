@@ -33,16 +33,35 @@ fn test_config() -> HsmConfig {
     }
 }
 
-/// Connects the members of an in-process fleet by datacenter name.
+/// Connects the members of an in-process fleet by datacenter name, counting the calls
+/// to each and delaying each by `delay_ms` when a test sets it.
 #[derive(Default)]
 struct LocalTransport {
     members: Mutex<HashMap<String, Arc<FleetHsm>>>,
+    calls: Mutex<HashMap<String, usize>>,
+    delay_ms: std::sync::atomic::AtomicU64,
+}
+
+impl LocalTransport {
+    fn calls_to(&self, dc: &str) -> usize {
+        self.calls.lock().unwrap().get(dc).copied().unwrap_or(0)
+    }
 }
 
 impl PeerTransport for LocalTransport {
     fn call(&self, dc: &str, message: Vec<u8>) -> BoxFuture<'_, Result<Vec<u8>, TransportError>> {
         let member = self.members.lock().unwrap().get(dc).cloned();
+        *self
+            .calls
+            .lock()
+            .unwrap()
+            .entry(dc.to_string())
+            .or_default() += 1;
+        let delay = self.delay_ms.load(std::sync::atomic::Ordering::Relaxed);
         Box::pin(async move {
+            if delay > 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+            }
             let member = member.ok_or_else(|| TransportError("down".into()))?;
             member
                 .handle_peer(&message)
@@ -1270,4 +1289,58 @@ fn the_empty_bytes_of_a_built_snapshot_never_install_as_a_state() {
     // `build_snapshot` hands openraft metadata and no bytes (see store.rs): were they ever
     // installed, decoding must fail rather than give an empty table.
     assert!(postcard::from_bytes::<state::FleetState>(&[]).is_err());
+}
+
+#[tokio::test]
+async fn a_leader_sends_no_heartbeat_while_entries_flow() {
+    let fleet = TestFleet::new(3).await;
+    let leader = fleet.leader().await;
+    let followers: Vec<String> = ["dc1", "dc2", "dc3"]
+        .into_iter()
+        .filter(|dc| *dc != leader.attestation().dc)
+        .map(String::from)
+        .collect();
+    fleet
+        .transport
+        .delay_ms
+        .store(5, std::sync::atomic::Ordering::Relaxed);
+    let before: Vec<usize> = followers
+        .iter()
+        .map(|dc| fleet.transport.calls_to(dc))
+        .collect();
+    let started = std::time::Instant::now();
+    let commits = 100;
+    for _ in 0..commits {
+        leader
+            .committer
+            .commit(FleetCommand::Records(Vec::new()))
+            .await
+            .unwrap();
+        // A client's round trip between its two steps: openraft's own heartbeat, sent
+        // every 50 ms to a follower with nothing in flight, lands in most of these.
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let periodic = (started.elapsed().as_millis() / 50) as usize;
+    assert!(periodic >= 20, "the commits took too little time to tell");
+    for (dc, before) in followers.iter().zip(before) {
+        let extra = fleet.transport.calls_to(dc) - before - commits;
+        assert!(
+            extra * 3 < periodic,
+            "{extra} calls to {dc} beside {commits} entries, in {periodic} heartbeat intervals"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_idle_fleet_keeps_its_leader() {
+    let fleet = TestFleet::new(3).await;
+    let leader = fleet.leader().await;
+    let term = leader.raft.metrics().borrow().current_term;
+    // Election timeouts are 200 to 400 ms: an idle fleet without heartbeats would elect.
+    tokio::time::sleep(std::time::Duration::from_millis(1_500)).await;
+    for dc in ["dc1", "dc2", "dc3"] {
+        let metrics = fleet.hsm(dc).raft.metrics().borrow().clone();
+        assert_eq!(metrics.current_term, term, "{dc} saw an election");
+    }
+    leader.check_leader().unwrap();
 }
