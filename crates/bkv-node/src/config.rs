@@ -45,6 +45,10 @@ pub struct NodeConfig {
     /// Across continents a longer interval keeps heartbeats from delaying appends.
     #[serde(default = "default_heartbeat")]
     pub heartbeat_ms: u64,
+    /// Threads that run the node's async work; one per core when absent. `bkv up`, which
+    /// runs every node on one machine, gives each node its share of the cores.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker_threads: Option<usize>,
 }
 
 fn default_heartbeat() -> u64 {
@@ -111,6 +115,15 @@ impl NodeConfig {
                 reason: "heartbeat_ms must be 20 to 10000".into(),
             });
         }
+        if config
+            .worker_threads
+            .is_some_and(|n| !(1..=1024).contains(&n))
+        {
+            return Err(NodeConfigError::Invalid {
+                path: path.display().to_string(),
+                reason: "worker_threads must be 1 to 1024".into(),
+            });
+        }
         if !(1..=1000).contains(&config.max_attempts) {
             return Err(NodeConfigError::Invalid {
                 path: path.display().to_string(),
@@ -133,5 +146,37 @@ impl NodeConfig {
                 path: self.platform_key.display().to_string(),
                 reason: "a platform key is 32 bytes".into(),
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_with(extra: &str) -> Result<NodeConfig, NodeConfigError> {
+        let dir = std::env::temp_dir().join(format!("bkv-node-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("dc1.toml");
+        let text = format!(
+            "dc = \"dc1\"\nlisten = \"127.0.0.1:7451\"\nplatform_key = \"platform.key\"\n{extra}\
+             peers = []\n[auth]\naudience = \"bkv\"\nkeys = []\n"
+        );
+        std::fs::write(&path, text).unwrap();
+        let loaded = NodeConfig::load(&path);
+        std::fs::remove_dir_all(&dir).unwrap();
+        loaded
+    }
+
+    #[test]
+    fn worker_threads_default_to_one_per_core_and_zero_is_refused() {
+        assert_eq!(load_with("").unwrap().worker_threads, None);
+        assert_eq!(
+            load_with("worker_threads = 2\n").unwrap().worker_threads,
+            Some(2)
+        );
+        let refused = load_with("worker_threads = 0\n").unwrap_err();
+        assert!(refused
+            .to_string()
+            .contains("worker_threads must be 1 to 1024"));
     }
 }

@@ -158,6 +158,8 @@ pub struct FleetOptions {
     pub witness: SocketAddr,
     /// Per-account rate limits at the frontend.
     pub rate_limit: bkv_frontend::RateLimit,
+    /// Each node's worker threads; one per core when absent.
+    pub node_threads: Option<usize>,
 }
 
 /// Writes a fleet's files into `dir`: platform key, node configs, frontend config,
@@ -176,6 +178,7 @@ pub fn write_fleet(
         wan,
         witness,
         rate_limit,
+        node_threads,
     } = options;
     if let Some(name) = &wan {
         anyhow::ensure!(
@@ -229,6 +232,7 @@ pub fn write_fleet(
             wan: wan.clone(),
             // Across continents, heartbeats every 500 ms rarely stand in front of an append.
             heartbeat_ms: if wan.is_some() { 500 } else { 100 },
+            worker_threads: node_threads,
         };
         let path = dir.join(format!("{name}.toml"));
         write_private_toml(
@@ -408,6 +412,8 @@ pub async fn run(command: FleetCommand) -> Result<(), Failure> {
                 wan: args.wan,
                 witness,
                 rate_limit: bkv_frontend::RateLimit::default(),
+                // Each node on a machine of its own, by default.
+                node_threads: None,
             };
             let files = write_fleet(&args.dir, n, frontend, &nodes, options)?;
             println!("wrote {}", args.dir.join("platform.key").display());

@@ -131,10 +131,17 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(filter)
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Command::Node { config, .. } = &cli.command {
+        // An unreadable config is reported by `serve::node`, which reads it again.
+        if let Some(threads) = bkv_node::NodeConfig::load(config)
+            .ok()
+            .and_then(|c| c.worker_threads)
+        {
+            builder.worker_threads(threads);
+        }
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

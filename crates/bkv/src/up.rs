@@ -81,6 +81,12 @@ impl Drop for Nodes {
 }
 
 /// Runs the dev fleet until interrupted.
+/// Each node's share of the machine's cores, at least one: every node of `bkv up` runs
+/// here, and more threads than cores only add cross-thread wake-ups.
+fn node_threads(cores: usize, datacenters: usize) -> usize {
+    (cores / datacenters.max(1)).max(1)
+}
+
 pub async fn run(args: UpArgs) -> Result<(), Failure> {
     eprintln!("{BANNER}");
     let n = args.datacenters as usize;
@@ -126,6 +132,10 @@ pub async fn run(args: UpArgs) -> Result<(), Failure> {
             Toggle::On => bkv_frontend::RateLimit::default(),
             Toggle::Off => bkv_frontend::RateLimit::OFF,
         },
+        node_threads: Some(node_threads(
+            std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n,
+        )),
     };
     let files = write_fleet(&args.dir, n, frontend, &node_addrs, options)?;
 
@@ -250,4 +260,16 @@ pub async fn run(args: UpArgs) -> Result<(), Failure> {
     drop(nodes);
     eprintln!("fleet stopped; its enrollments are gone (HSMs keep nothing on disk)");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::node_threads;
+
+    #[test]
+    fn nodes_share_the_cores_and_each_gets_at_least_one_thread() {
+        assert_eq!(node_threads(2, 5), 1);
+        assert_eq!(node_threads(16, 5), 3);
+        assert_eq!(node_threads(8, 1), 8);
+    }
 }
