@@ -12,6 +12,7 @@ mod network;
 pub mod state;
 mod store;
 mod vault;
+mod wiped;
 
 pub use network::{BoxFuture, PeerTransport, TransportError};
 
@@ -44,7 +45,7 @@ openraft::declare_raft_types!(
         R = FleetOutcome,
         NodeId = u64,
         Node = MemberNode,
-        SnapshotData = std::io::Cursor<Vec<u8>>,
+        SnapshotData = wiped::SnapshotBytes,
 );
 
 /// Policy and timing of one member.
@@ -690,7 +691,7 @@ impl FleetHsm {
             }
         };
         let plain =
-            postcard::to_allocvec(&response).map_err(|_| HsmError::Malformed("peer response"))?;
+            wiped::serialize(&response).map_err(|_| HsmError::Malformed("peer response"))?;
         let (answer, _) = self
             .shared
             .channels

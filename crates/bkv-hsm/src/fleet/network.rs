@@ -93,7 +93,7 @@ impl PeerClient {
         request: PeerRequest,
     ) -> Result<PeerResponse, RPCError<u64, MemberNode, E>> {
         self.shared.ensure_peer(self.target).map_err(unreachable)?;
-        let plain = postcard::to_allocvec(&request)
+        let plain = super::wiped::serialize(&request)
             .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let (envelope, counter) = self
             .shared

@@ -1,6 +1,7 @@
 //! Raft's log and state machine, kept in HSM memory only. Nothing here touches a disk:
 //! a restarted HSM is a new member that is caught up by its peers (DESIGN.md §4).
 
+use super::wiped::{self, SnapshotBytes};
 use super::{MemberNode, Shared, TypeConfig};
 use crate::fleet::state::{FleetCommand, FleetOutcome, FleetState};
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
@@ -10,7 +11,6 @@ use openraft::{
 };
 use std::collections::BTreeMap;
 use std::fmt::Debug;
-use std::io::Cursor;
 use std::ops::RangeBounds;
 use std::sync::{Arc, Mutex};
 
@@ -182,13 +182,13 @@ impl MachineData {
 async fn serialize_snapshot(
     (state, meta): (FleetState, SnapshotMeta<NodeId, MemberNode>),
 ) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
-    let bytes = tokio::task::spawn_blocking(move || postcard::to_allocvec(&state))
+    let bytes = tokio::task::spawn_blocking(move || wiped::serialize(&state))
         .await
         .map_err(|e| StorageIOError::read_state_machine(&e))?
         .map_err(|e| StorageIOError::read_state_machine(&e))?;
     Ok(Snapshot {
         meta,
-        snapshot: Box::new(Cursor::new(bytes)),
+        snapshot: Box::new(SnapshotBytes::new(bytes)),
     })
 }
 
@@ -218,7 +218,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
         let meta = self.shared.machine().snapshot_meta();
         Ok(Snapshot {
             meta,
-            snapshot: Box::new(Cursor::new(Vec::new())),
+            snapshot: Box::default(),
         })
     }
 }
@@ -284,16 +284,16 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 
     async fn begin_receiving_snapshot(
         &mut self,
-    ) -> Result<Box<Cursor<Vec<u8>>>, StorageError<NodeId>> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    ) -> Result<Box<SnapshotBytes>, StorageError<NodeId>> {
+        Ok(Box::default())
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta<NodeId, MemberNode>,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        snapshot: Box<SnapshotBytes>,
     ) -> Result<(), StorageError<NodeId>> {
-        let bytes = snapshot.into_inner();
+        let bytes = snapshot.into_bytes();
         let state: FleetState =
             tokio::task::spawn_blocking(move || postcard::from_bytes::<FleetState>(&bytes))
                 .await
