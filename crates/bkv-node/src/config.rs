@@ -42,7 +42,8 @@ pub struct NodeConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wan: Option<String>,
     /// Raft heartbeat interval in milliseconds (elections time out after 4 to 8 of them).
-    /// Across continents a longer interval keeps heartbeats from delaying appends.
+    /// openraft 0.9 also gives up on an AppendEntries after one interval, so it must be
+    /// longer than the round trip to the farthest peer.
     #[serde(default = "default_heartbeat")]
     pub heartbeat_ms: u64,
     /// Threads that run the node's async work; one per core when absent. `bkv up`, which

@@ -230,7 +230,8 @@ pub fn write_fleet(
                 .collect(),
             auth: auth.clone(),
             wan: wan.clone(),
-            // Across continents, heartbeats every 500 ms rarely stand in front of an append.
+            // openraft 0.9 gives up on an AppendEntries after one heartbeat interval: across
+            // continents it must outlast the longest round trip (150 ms to dc5).
             heartbeat_ms: if wan.is_some() { 500 } else { 100 },
             worker_threads: node_threads,
         };

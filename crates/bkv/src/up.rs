@@ -80,13 +80,13 @@ impl Drop for Nodes {
     }
 }
 
-/// Runs the dev fleet until interrupted.
 /// Each node's share of the machine's cores, at least one: every node of `bkv up` runs
 /// here, and more threads than cores only add cross-thread wake-ups.
 fn node_threads(cores: usize, datacenters: usize) -> usize {
     (cores / datacenters.max(1)).max(1)
 }
 
+/// Runs the dev fleet until interrupted.
 pub async fn run(args: UpArgs) -> Result<(), Failure> {
     eprintln!("{BANNER}");
     let n = args.datacenters as usize;

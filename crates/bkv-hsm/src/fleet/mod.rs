@@ -283,9 +283,14 @@ impl std::fmt::Debug for FleetHsm {
 async fn heartbeat_when_idle(raft: Raft<TypeConfig>, interval_ms: u64) {
     let mut tick = tokio::time::interval(Duration::from_millis((interval_ms / 4).max(1)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let watch = raft.metrics();
     loop {
         tick.tick().await;
-        let metrics = raft.metrics().borrow().clone();
+        // A stopped Raft drops its metrics sender, whatever role it had.
+        if watch.has_changed().is_err() {
+            return;
+        }
+        let metrics = watch.borrow().clone();
         if metrics.running_state.is_err() {
             return;
         }
