@@ -3,6 +3,7 @@
 use crate::config::ClientConfig;
 use crate::error::ClientError;
 use crate::flow::{EnrollmentStarted, Ke2, Ke2Outcome, RecoveryStarted};
+use crate::retirements::{PendingRetirement, Retirements};
 use crate::secrets::{BackupKey, Pin};
 use crate::token::TokenSource;
 use crate::trust::Trust;
@@ -55,7 +56,8 @@ pub enum Moved {
         /// Hex of the fleet the record left.
         from: String,
     },
-    /// The key is recovered, but the move failed; the next recovery tries again.
+    /// The key is recovered, but the move failed; the next recovery tries again (to move
+    /// the record, or to retire the old one if only that failed).
     Failed(String),
 }
 
@@ -86,6 +88,7 @@ pub async fn fleet_status(config: &ClientConfig) -> Result<v1::FleetStatusRespon
 pub struct VaultClient {
     grpc: Grpc<Channel>,
     trust: Trust,
+    retirements: Retirements,
     tokens: TokenSource,
     tenant: String,
     ksf: KsfParams,
@@ -121,6 +124,7 @@ impl VaultClient {
         Ok(Self {
             grpc,
             trust: Trust::from_config(config)?,
+            retirements: Retirements::beside(config.trust_state_path()),
             tokens,
             tenant: config.tenant.clone(),
             ksf: config.ksf.check().map_err(|e| ClientError::Config {
@@ -227,6 +231,7 @@ impl VaultClient {
     /// PIN, full budget) and the old one retired.
     pub async fn recover(&mut self, user: &str, pin: Pin) -> Result<Recovered, ClientError> {
         let account = self.account(user)?;
+        let retried = self.retry_retirement(user).await;
         let (started, ke1) = RecoveryStarted::begin(&mut OsRng, account, pin.clone())?;
         let answer = self
             .grpc
@@ -300,7 +305,7 @@ impl VaultClient {
         };
         let key = proven.open(&answer.login_id, &released.sealed_wrapped_key)?;
         let moved = match ticket {
-            None => None,
+            None => retried,
             Some(Err(why)) => Some(Moved::Failed(why)),
             Some(Ok(ticket)) => Some(self.move_record(user, pin, &key, ticket, &pinned).await),
         };
@@ -312,56 +317,105 @@ impl VaultClient {
     }
 
     /// Enrolls `key` in the active fleet, then retires the record on the old one. The old
-    /// record goes only once the new one is committed, so a failure loses nothing.
+    /// record goes only once the new one is committed, so a failure loses nothing; a
+    /// retirement that fails is kept and retried by the user's next recovery.
     async fn move_record(
         &mut self,
         user: &str,
         pin: Pin,
         key: &BackupKey,
-        ticket: zeroize::Zeroizing<Vec<u8>>,
+        release: zeroize::Zeroizing<Vec<u8>>,
         from: &[u8; 32],
     ) -> Moved {
-        // The release is the ticket (generation ‖ MAC) and the confirmation key.
-        use bkv_core::seal::{RETIRE_RELEASE_LEN, RETIRE_TICKET_LEN};
-        let (Ok(account), true) = (self.account(user), ticket.len() == RETIRE_RELEASE_LEN) else {
+        if release.len() != bkv_core::seal::RETIRE_RELEASE_LEN {
             return Moved::Failed("the vault released a malformed retire ticket".into());
+        }
+        if let Err(e) = self.enroll(user, pin, key).await {
+            return Moved::Failed(format!("enrolling in the active fleet: {e}"));
+        }
+        let pending = PendingRetirement {
+            user: user.to_string(),
+            from: hex::encode(from),
+            release: zeroize::Zeroizing::new(hex::encode(&release[..])),
         };
-        let (ticket, confirm_key) = ticket.split_at(RETIRE_TICKET_LEN);
+        match self.retire(&pending).await {
+            Ok(()) => Moved::Done { from: pending.from },
+            Err(why) => {
+                let kept = match self.retirements.remember(pending) {
+                    Ok(()) => "",
+                    Err(_) => " (and it could not be kept to try again)",
+                };
+                Moved::Failed(format!(
+                    "enrolled in the active fleet, but the old record was not retired: {why}{kept}"
+                ))
+            }
+        }
+    }
+
+    /// Retries the retirement kept for `user`, if any: forgotten once the old fleet proves
+    /// it done, or once that fleet is no longer trusted. Never fails the call it precedes:
+    /// what went wrong is reported as a failed move.
+    async fn retry_retirement(&mut self, user: &str) -> Option<Moved> {
+        let pending = match self.retirements.pending(user) {
+            Ok(pending) => pending?,
+            Err(e) => return Some(Moved::Failed(e.to_string())),
+        };
+        let from = hex::decode(&pending.from).unwrap_or_default();
+        if let Some(gone) = self.trust.foreign(&from) {
+            let _ = self.retirements.forget(&pending);
+            return Some(Moved::Failed(format!(
+                "the old record was never retired, and its fleet is no longer trusted ({gone})"
+            )));
+        }
+        Some(match self.retire(&pending).await {
+            Ok(()) => match self.retirements.forget(&pending) {
+                Ok(()) => Moved::Done {
+                    from: pending.from.clone(),
+                },
+                Err(e) => Moved::Failed(format!("the old record is retired, but {e}")),
+            },
+            Err(why) => Moved::Failed(format!("the old record is still not retired: {why}")),
+        })
+    }
+
+    /// Hands the old fleet its retire ticket and checks the proof that it retired the
+    /// record: only the old HSM can make it, as the frontend never saw the key.
+    async fn retire(&mut self, pending: &PendingRetirement) -> Result<(), String> {
+        use bkv_core::seal::{RETIRE_RELEASE_LEN, RETIRE_TICKET_LEN};
+        let account = self.account(&pending.user).map_err(|e| e.to_string())?;
+        let release = zeroize::Zeroizing::new(
+            hex::decode(pending.release.as_str()).map_err(|_| "a damaged retire ticket")?,
+        );
+        if release.len() != RETIRE_RELEASE_LEN {
+            return Err("a damaged retire ticket".into());
+        }
+        // The release is the ticket (generation ‖ MAC) and the confirmation key.
+        let (ticket, confirm_key) = release.split_at(RETIRE_TICKET_LEN);
         let mut generation = [0u8; 8];
         generation.copy_from_slice(&ticket[..8]);
         let mut key32 = zeroize::Zeroizing::new([0u8; 32]);
         key32.copy_from_slice(confirm_key);
         let expected =
             bkv_core::seal::retire_confirmation(&key32, &account, u64::from_be_bytes(generation));
-        if let Err(e) = self.enroll(user, pin, key).await {
-            return Moved::Failed(format!("enrolling in the active fleet: {e}"));
-        }
-        let retire = v1::RetireRequest {
-            ticket: ticket.to_vec(),
-        };
-        let request = match self.request(user, retire) {
-            Ok(r) => r,
-            Err(e) => return Moved::Failed(e.to_string()),
-        };
+        let request = self
+            .request(
+                &pending.user,
+                v1::RetireRequest {
+                    ticket: ticket.to_vec(),
+                },
+            )
+            .map_err(|e| e.to_string())?;
         match self.grpc.retire(request).await {
-            // Only the old HSM can make this proof: the frontend never saw the key.
             Ok(answer)
                 if bool::from(subtle::ConstantTimeEq::ct_eq(
                     &answer.get_ref().confirmation[..],
                     &expected[..],
                 )) =>
             {
-                Moved::Done {
-                    from: hex::encode(from),
-                }
+                Ok(())
             }
-            Ok(_) => Moved::Failed(
-                "enrolled in the active fleet, but the vault's answer does not prove the old record was retired".into(),
-            ),
-            Err(status) => Moved::Failed(format!(
-                "enrolled in the active fleet, but the old record was not retired: {}",
-                self.refused(status)
-            )),
+            Ok(_) => Err("the vault's answer does not prove the old record was retired".into()),
+            Err(status) => Err(self.refused(status).to_string()),
         }
     }
 

@@ -13,6 +13,7 @@ pub mod config;
 pub mod device;
 pub mod error;
 pub mod flow;
+mod retirements;
 pub mod secrets;
 pub mod token;
 pub mod trust;

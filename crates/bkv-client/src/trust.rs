@@ -201,8 +201,8 @@ impl Trust {
     }
 }
 
-/// Takes the trust state's lock file; released when the returned file is dropped.
-fn lock_state(path: &std::path::Path) -> Result<std::fs::File, ClientError> {
+/// Takes the lock file beside `path` (`.lock`); released when the returned file is dropped.
+pub(crate) fn lock_state(path: &std::path::Path) -> Result<std::fs::File, ClientError> {
     let lock_path = path.with_extension("lock");
     let file = std::fs::OpenOptions::new()
         .create(true)

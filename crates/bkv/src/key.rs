@@ -204,7 +204,7 @@ pub async fn run(command: KeyCommand) -> Result<(), Failure> {
                     vault.user
                 ),
                 Some(bkv_client::Moved::Failed(why)) => eprintln!(
-                    "warning: {} is still on a recover-only fleet: {why}; the next recovery tries again",
+                    "warning: moving {} off a recover-only fleet is not finished: {why}; the next recovery tries again",
                     vault.user
                 ),
             }

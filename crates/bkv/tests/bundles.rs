@@ -296,6 +296,7 @@ fn rotation_moves_users_of_the_old_fleet_and_sends_new_ones_to_the_new_fleet() {
     // alice and bob live on the first fleet (A).
     vault.enroll("alice", &vault.device("alice"), "1111");
     vault.enroll("bob", &vault.device("bob"), "2222");
+    vault.enroll("erin", &vault.device("erin"), "5555");
     let fleet_a = config_value(&vault.config(), "fleet_key");
 
     // A second fleet (B) of one datacenter, same platform and code.
@@ -456,6 +457,86 @@ fn rotation_moves_users_of_the_old_fleet_and_sends_new_ones_to_the_new_fleet() {
         &vault.device("carol2"),
         "3333",
     ));
+
+    // erin moves through a frontend that refuses her fifth call: her key is enrolled on B,
+    // but the Retire for A is refused. The client keeps the ticket, and her next recovery
+    // (through the first rotation frontend, which shares the client's state) retires A's
+    // record.
+    let strict_port = free_port();
+    let mut strict: toml::Table =
+        toml::from_str(&std::fs::read_to_string(&f_config).unwrap()).unwrap();
+    strict.insert(
+        "listen".into(),
+        toml::Value::String(format!("127.0.0.1:{strict_port}")),
+    );
+    strict.insert(
+        "rate_limit".into(),
+        toml::from_str::<toml::Value>(
+            "per_second = 0.01\nburst = 4\nguesses_per_minute = 60.0\nguess_burst = 10\n",
+        )
+        .unwrap(),
+    );
+    let strict_config = dir.join("frontend-strict.toml");
+    std::fs::write(&strict_config, toml::to_string(&strict).unwrap()).unwrap();
+    vault.extra.push(spawn(
+        &["frontend", "--config", strict_config.to_str().unwrap()],
+        &dir.join("logs/frontend-strict.log"),
+    ));
+    let strict_client = dir.join("client-strict.toml");
+    std::fs::write(
+        &strict_client,
+        std::fs::read_to_string(&client).unwrap().replace(
+            &format!("127.0.0.1:{f_port}"),
+            &format!("127.0.0.1:{strict_port}"),
+        ),
+    )
+    .unwrap();
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", strict_port)).is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = key_with_pin(
+        &strict_client,
+        "recover",
+        "erin",
+        &vault.device("erin2"),
+        "5555",
+    );
+    assert_success(&out);
+    let warning = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        warning.contains("old record was not retired")
+            && warning.contains("next recovery tries again"),
+        "{warning}"
+    );
+    assert_eq!(
+        vault.status("erin")["state"],
+        "active",
+        "A still holds erin"
+    );
+    assert_eq!(
+        status("erin")["attempts_left"],
+        10,
+        "B holds erin with a full budget"
+    );
+    let out = key_with_pin(&client, "recover", "erin", &vault.device("erin3"), "5555");
+    assert_success(&out);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("moved erin"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(
+        vault.status("erin")["state"],
+        "destroyed",
+        "A's record is retired now"
+    );
+    // Done: the next recovery has nothing left to retry.
+    let out = key_with_pin(&client, "recover", "erin", &vault.device("erin4"), "5555");
+    assert_success(&out);
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("moved"));
 
     // New enrollments are refused by a recover-only fleet: A's own frontend now serves
     // epoch 2, where A is recover-only.
