@@ -41,13 +41,6 @@ pub(crate) struct Retirements {
     path: Option<PathBuf>,
 }
 
-fn file_error(path: &Path, reason: impl ToString) -> ClientError {
-    ClientError::Config {
-        path: path.display().to_string(),
-        reason: reason.to_string(),
-    }
-}
-
 impl Retirements {
     /// The pending retirements kept beside the trust state at `trust_state`.
     pub(crate) fn beside(trust_state: Option<PathBuf>) -> Self {
@@ -86,23 +79,15 @@ impl Retirements {
         let mut all = load(path)?;
         change(&mut all);
         let bytes = Zeroizing::new(serde_json::to_vec_pretty(&all).expect("retirements serialize"));
-        crate::device::write_atomically(path, &bytes[..], 0o600)
-            .map_err(|e| file_error(path, format!("cannot record a pending retirement: {e}")))
+        crate::device::write_atomically(path, &bytes[..], 0o600).map_err(|e| {
+            crate::trust::state_error(path, format!("cannot record a pending retirement: {e}"))
+        })
     }
 }
 
 fn load(path: &Path) -> Result<Vec<PendingRetirement>, ClientError> {
-    match std::fs::metadata(path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(file_error(path, e)),
-        Ok(meta) if meta.len() > MAX_FILE_BYTES => {
-            return Err(file_error(path, "pending retirements file too large"))
-        }
-        Ok(_) => {}
-    }
-    let bytes = Zeroizing::new(std::fs::read(path).map_err(|e| file_error(path, e))?);
-    serde_json::from_slice(&bytes)
-        .map_err(|e| file_error(path, format!("damaged pending retirements: {e}")))
+    // Damage is an error, not an empty list: that would forget a retirement.
+    crate::trust::read_state_file(path, MAX_FILE_BYTES, "pending retirements")
 }
 
 #[cfg(test)]

@@ -41,7 +41,7 @@ pub struct Trust {
     ota: Option<Arc<OverTheAir>>,
 }
 
-fn state_error(path: &std::path::Path, reason: impl ToString) -> ClientError {
+pub(crate) fn state_error(path: &std::path::Path, reason: impl ToString) -> ClientError {
     ClientError::Config {
         path: path.display().to_string(),
         reason: reason.to_string(),
@@ -215,18 +215,27 @@ pub(crate) fn lock_state(path: &std::path::Path) -> Result<std::fs::File, Client
 }
 
 fn load_state(path: &std::path::Path) -> Result<TrustState, ClientError> {
+    // A damaged state is an error, never a reset: a reset would accept old epochs again.
+    read_state_file(path, MAX_STATE_BYTES, "trust state")
+}
+
+/// Reads a JSON state file of at most `max_bytes`: the default when there is none, an
+/// error when it is too large or damaged. The bytes read are wiped afterwards.
+pub(crate) fn read_state_file<T: serde::de::DeserializeOwned + Default>(
+    path: &std::path::Path,
+    max_bytes: u64,
+    what: &str,
+) -> Result<T, ClientError> {
     match std::fs::metadata(path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(TrustState::default()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(T::default()),
         Err(e) => return Err(state_error(path, e)),
-        Ok(meta) if meta.len() > MAX_STATE_BYTES => {
-            return Err(state_error(path, "trust state too large"))
+        Ok(meta) if meta.len() > max_bytes => {
+            return Err(state_error(path, format!("{what} too large")))
         }
         Ok(_) => {}
     }
-    let text = std::fs::read(path).map_err(|e| state_error(path, e))?;
-    // A damaged state is an error, never a reset: a reset would accept old epochs again.
-    serde_json::from_slice(&text)
-        .map_err(|e| state_error(path, format!("damaged trust state: {e}")))
+    let bytes = zeroize::Zeroizing::new(std::fs::read(path).map_err(|e| state_error(path, e))?);
+    serde_json::from_slice(&bytes).map_err(|e| state_error(path, format!("damaged {what}: {e}")))
 }
 
 fn save_state(path: &std::path::Path, state: &TrustState) -> Result<(), ClientError> {
