@@ -342,6 +342,8 @@ impl FleetHsm {
             snapshot_policy: openraft::SnapshotPolicy::Never,
             max_in_snapshot_log_to_keep: (config.snapshot_every / 50).max(1),
             purge_batch_size: 1,
+            // The leader heartbeats only when idle (`heartbeat_when_idle`, below).
+            enable_heartbeat: false,
             ..Config::default()
         }
         .validate()
@@ -366,7 +368,6 @@ impl FleetHsm {
         // a round trip behind it. Entries already keep followers' election timers and the
         // leader's lease fresh, so a heartbeat goes only when no majority answered for an
         // interval.
-        raft.runtime_config().heartbeat(false);
         tokio::spawn(heartbeat_when_idle(raft.clone(), config.heartbeat_ms));
         let (trigger, due) = (raft.clone(), shared.clone());
         tokio::spawn(async move {
