@@ -283,22 +283,32 @@ impl std::fmt::Debug for FleetHsm {
 async fn heartbeat_when_idle(raft: Raft<TypeConfig>, interval_ms: u64) {
     let mut tick = tokio::time::interval(Duration::from_millis((interval_ms / 4).max(1)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let watch = raft.metrics();
+    let mut watch = raft.metrics();
+    // openraft computes `millis_since_quorum_ack` only when it publishes metrics, which an
+    // idle member does once per tick (1.5 intervals): the value then stands still. Its age
+    // is counted from when it was seen published, at worst a quarter interval late.
+    let mut leading = false;
+    let mut acked: Option<(u64, std::time::Instant)> = None;
     loop {
         tick.tick().await;
-        // A stopped Raft drops its metrics sender, whatever role it had.
-        if watch.has_changed().is_err() {
-            return;
+        match watch.has_changed() {
+            // A stopped Raft drops its metrics sender, whatever role it had.
+            Err(_) => return,
+            Ok(false) => {}
+            Ok(true) => {
+                let metrics = watch.borrow_and_update();
+                if metrics.running_state.is_err() {
+                    return;
+                }
+                leading = metrics.state == ServerState::Leader;
+                acked = metrics
+                    .millis_since_quorum_ack
+                    .map(|ms| (ms, std::time::Instant::now()));
+            }
         }
-        let metrics = watch.borrow().clone();
-        if metrics.running_state.is_err() {
-            return;
-        }
-        let stale = metrics
-            .millis_since_quorum_ack
-            .is_none_or(|ms| ms >= interval_ms);
-        if metrics.state == ServerState::Leader
-            && stale
+        let silent_ms = acked.map(|(ms, seen)| ms + seen.elapsed().as_millis() as u64);
+        if leading
+            && silent_ms.is_none_or(|ms| ms >= interval_ms)
             && raft.trigger().heartbeat().await.is_err()
         {
             return;

@@ -80,12 +80,17 @@ impl AsyncWrite for SnapshotBytes {
         _cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let too_far = || io::Error::new(io::ErrorKind::InvalidInput, "snapshot offset too large");
-        let start = usize::try_from(self.position).map_err(|_| too_far())?;
+        let too_far =
+            || io::Error::new(io::ErrorKind::InvalidInput, "snapshot offset past its end");
+        // openraft writes each chunk at the end or over one already written; an offset
+        // past the end would only make a peer's message allocate for nothing.
+        let start = usize::try_from(self.position)
+            .ok()
+            .filter(|&start| start <= self.bytes.len())
+            .ok_or_else(too_far)?;
         let end = start.checked_add(data.len()).ok_or_else(too_far)?;
         self.reserve(end);
         if self.bytes.len() < end {
-            // Writing past the end fills the gap with zeros, as `io::Cursor` does.
             self.bytes.resize(end, 0);
         }
         self.bytes[start..end].copy_from_slice(data);
@@ -129,16 +134,19 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 
     #[tokio::test]
-    async fn chunks_written_at_their_offsets_read_back_whole() {
+    async fn chunks_written_at_their_offsets_read_back_whole_and_none_past_the_end() {
         let mut snapshot = SnapshotBytes::default();
         let whole: Vec<u8> = (0..10_000u32).map(|n| (n % 251) as u8).collect();
-        // openraft writes each received chunk at its offset; out of order is allowed.
-        for chunk in [2, 0, 1] {
+        // openraft writes each received chunk at its offset, and may write one again.
+        for chunk in [0, 1, 1, 2] {
             let at = chunk * 4_000;
             let end = (at + 4_000).min(whole.len());
             snapshot.seek(SeekFrom::Start(at as u64)).await.unwrap();
             snapshot.write_all(&whole[at..end]).await.unwrap();
         }
+        // A chunk past the end is refused: a peer cannot make it allocate at will.
+        snapshot.seek(SeekFrom::Start(1 << 40)).await.unwrap();
+        assert!(snapshot.write_all(b"far").await.is_err());
         snapshot.seek(SeekFrom::Start(0)).await.unwrap();
         let mut read = Vec::new();
         snapshot.read_to_end(&mut read).await.unwrap();

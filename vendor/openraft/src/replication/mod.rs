@@ -680,10 +680,10 @@ where
                 self.committed = c;
 
                 // bkv patch (vendor/README.md): no heartbeat is sent at once to carry the new
-                // commit index. It travels with the next AppendEntries or the periodic
-                // heartbeat. With one RPC in flight per follower, the eager heartbeat made the
-                // next entry wait a full round trip behind it: ~25 ms per commit across
-                // continents. Followers learn of commits later; what is committed does not change.
+                // commit index. It travels with the next AppendEntries or heartbeat. With one
+                // RPC in flight per follower, the eager heartbeat made the next entry wait a
+                // full round trip behind it: ~25 ms per commit across continents. Followers
+                // learn of commits later; what is committed does not change.
             }
             Replicate::Heartbeat => {
                 // Never overwrite action with payload.
