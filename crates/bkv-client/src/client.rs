@@ -56,8 +56,8 @@ pub enum Moved {
         /// Hex of the fleet the record left.
         from: String,
     },
-    /// The key is recovered, but the move failed; the next recovery tries again (to move
-    /// the record, or to retire the old one if only that failed).
+    /// The key is recovered, but a move is not finished: why, and whether the next
+    /// recovery tries again, in words for the user.
     Failed(String),
 }
 
@@ -231,7 +231,6 @@ impl VaultClient {
     /// PIN, full budget) and the old one retired.
     pub async fn recover(&mut self, user: &str, pin: Pin) -> Result<Recovered, ClientError> {
         let account = self.account(user)?;
-        let retried = self.retry_retirement(user).await;
         let (started, ke1) = RecoveryStarted::begin(&mut OsRng, account, pin.clone())?;
         let answer = self
             .grpc
@@ -304,10 +303,20 @@ impl VaultClient {
             _ => None,
         };
         let key = proven.open(&answer.login_id, &released.sealed_wrapped_key)?;
+        let still_old = |why: &str| {
+            Moved::Failed(format!(
+                "{user} is still on a recover-only fleet: {why}; the next recovery tries again"
+            ))
+        };
         let moved = match ticket {
-            None => retried,
-            Some(Err(why)) => Some(Moved::Failed(why)),
-            Some(Ok(ticket)) => Some(self.move_record(user, pin, &key, ticket, &pinned).await),
+            // The key came from an active fleet: old records elsewhere can go now.
+            None => self.settle_retirements(user, &pinned).await,
+            Some(Err(why)) => Some(still_old(&why)),
+            Some(Ok(ticket)) => Some(
+                self.move_record(user, pin, &key, ticket, &pinned)
+                    .await
+                    .unwrap_or_else(|why| still_old(&why)),
+            ),
         };
         Ok(Recovered {
             key,
@@ -317,8 +326,10 @@ impl VaultClient {
     }
 
     /// Enrolls `key` in the active fleet, then retires the record on the old one. The old
-    /// record goes only once the new one is committed, so a failure loses nothing; a
-    /// retirement that fails is kept and retried by the user's next recovery.
+    /// record goes only once the new one is committed, so a failure loses nothing. The
+    /// retirement is kept before it is tried, so that a recovery from the active fleet
+    /// finishes it even if this process stops. Errs, with why, if the user is still only
+    /// on the old fleet.
     async fn move_record(
         &mut self,
         user: &str,
@@ -326,56 +337,80 @@ impl VaultClient {
         key: &BackupKey,
         release: zeroize::Zeroizing<Vec<u8>>,
         from: &[u8; 32],
-    ) -> Moved {
+    ) -> Result<Moved, String> {
         if release.len() != bkv_core::seal::RETIRE_RELEASE_LEN {
-            return Moved::Failed("the vault released a malformed retire ticket".into());
+            return Err("the vault released a malformed retire ticket".into());
         }
-        if let Err(e) = self.enroll(user, pin, key).await {
-            return Moved::Failed(format!("enrolling in the active fleet: {e}"));
-        }
+        self.enroll(user, pin, key)
+            .await
+            .map_err(|e| format!("enrolling in the active fleet: {e}"))?;
         let pending = PendingRetirement {
+            tenant: self.tenant.clone(),
             user: user.to_string(),
             from: hex::encode(from),
             release: zeroize::Zeroizing::new(hex::encode(&release[..])),
         };
-        match self.retire(&pending).await {
-            Ok(()) => Moved::Done { from: pending.from },
-            Err(why) => {
-                let kept = match self.retirements.remember(pending) {
-                    Ok(()) => "",
-                    Err(_) => " (and it could not be kept to try again)",
-                };
-                Moved::Failed(format!(
-                    "enrolled in the active fleet, but the old record was not retired: {why}{kept}"
-                ))
+        let kept = self.retirements.remember(pending.clone());
+        Ok(match (self.retire(&pending).await, kept) {
+            (Ok(()), _) => {
+                // Best effort: a kept retirement that is done is proven done again later.
+                let _ = self.retirements.forget(&pending);
+                Moved::Done { from: pending.from }
             }
-        }
+            (Err(why), Ok(())) => Moved::Failed(format!(
+                "{user} moved to the active fleet, but the old record on fleet {} was not retired: {why}; the next recovery tries again",
+                pending.from
+            )),
+            (Err(why), Err(e)) => Moved::Failed(format!(
+                "{user} moved to the active fleet, but the old record on fleet {} was not retired: {why}, and it could not be kept to try again: {e}",
+                pending.from
+            )),
+        })
     }
 
-    /// Retries the retirement kept for `user`, if any: forgotten once the old fleet proves
-    /// it done, or once that fleet is no longer trusted. Never fails the call it precedes:
-    /// what went wrong is reported as a failed move.
-    async fn retry_retirement(&mut self, user: &str) -> Option<Moved> {
-        let pending = match self.retirements.pending(user) {
-            Ok(pending) => pending?,
-            Err(e) => return Some(Moved::Failed(e.to_string())),
+    /// After a recovery from the active fleet `current`, retires the user's records that
+    /// earlier moves left on other fleets. One kept for `current` itself is obsolete (the
+    /// operator made that fleet active again) and is dropped, never sent: the record there
+    /// is the one the user lives on. Never fails the recovery: problems are reported as an
+    /// unfinished move.
+    async fn settle_retirements(&mut self, user: &str, current: &[u8; 32]) -> Option<Moved> {
+        let kept = match self.retirements.pending(&self.tenant, user) {
+            Ok(kept) => kept,
+            Err(e) => {
+                return Some(Moved::Failed(format!(
+                    "pending retirements for {user} could not be read: {e}"
+                )))
+            }
         };
-        let from = hex::decode(&pending.from).unwrap_or_default();
-        if let Some(gone) = self.trust.foreign(&from) {
-            let _ = self.retirements.forget(&pending);
-            return Some(Moved::Failed(format!(
-                "the old record was never retired, and its fleet is no longer trusted ({gone})"
-            )));
-        }
-        Some(match self.retire(&pending).await {
-            Ok(()) => match self.retirements.forget(&pending) {
-                Ok(()) => Moved::Done {
-                    from: pending.from.clone(),
+        let mut outcome = None;
+        for pending in kept {
+            let from = hex::decode(&pending.from).unwrap_or_default();
+            // A fleet no longer trusted is being shut down, and its proof would not count.
+            if from == current[..] || self.trust.foreign(&from).is_some() {
+                let _ = self.retirements.forget(&pending);
+                continue;
+            }
+            let done = match self.retire(&pending).await {
+                Ok(()) => match self.retirements.forget(&pending) {
+                    Ok(()) => Moved::Done {
+                        from: pending.from.clone(),
+                    },
+                    Err(e) => Moved::Failed(format!(
+                        "the old record of {user} on fleet {} is retired, but {e}",
+                        pending.from
+                    )),
                 },
-                Err(e) => Moved::Failed(format!("the old record is retired, but {e}")),
-            },
-            Err(why) => Moved::Failed(format!("the old record is still not retired: {why}")),
-        })
+                Err(why) => Moved::Failed(format!(
+                    "the old record of {user} on fleet {} is still not retired: {why}; the next recovery tries again",
+                    pending.from
+                )),
+            };
+            // A failure is what the user must hear of.
+            if outcome.is_none() || matches!(done, Moved::Failed(_)) {
+                outcome = Some(done);
+            }
+        }
+        outcome
     }
 
     /// Hands the old fleet its retire ticket and checks the proof that it retired the

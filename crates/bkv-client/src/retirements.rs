@@ -16,6 +16,8 @@ const MAX_FILE_BYTES: u64 = 1024 * 1024;
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct PendingRetirement {
+    /// The tenant of the account.
+    pub tenant: String,
     /// Whose record.
     pub user: String,
     /// The fleet (hex key) that holds the record to retire.
@@ -27,6 +29,7 @@ pub(crate) struct PendingRetirement {
 impl std::fmt::Debug for PendingRetirement {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PendingRetirement")
+            .field("tenant", &self.tenant)
             .field("user", &self.user)
             .field("from", &self.from)
             .field("release", &"(redacted)")
@@ -49,18 +52,27 @@ impl Retirements {
         }
     }
 
-    /// The retirement waiting for `user`, if any.
-    pub(crate) fn pending(&self, user: &str) -> Result<Option<PendingRetirement>, ClientError> {
+    /// The retirements waiting for `user` of `tenant`, one per fleet left.
+    pub(crate) fn pending(
+        &self,
+        tenant: &str,
+        user: &str,
+    ) -> Result<Vec<PendingRetirement>, ClientError> {
         let Some(path) = &self.path else {
-            return Ok(None);
+            return Ok(Vec::new());
         };
-        Ok(load(path)?.into_iter().find(|p| p.user == user))
+        let mut all = load(path)?;
+        all.retain(|p| p.tenant == tenant && p.user == user);
+        Ok(all)
     }
 
-    /// Remembers `retirement`, replacing an older one of the same user.
+    /// Remembers `retirement`, replacing an older one of the same account and fleet.
     pub(crate) fn remember(&self, retirement: PendingRetirement) -> Result<(), ClientError> {
         self.update(|all| {
-            all.retain(|p| p.user != retirement.user);
+            all.retain(|p| {
+                (&p.tenant, &p.user, &p.from)
+                    != (&retirement.tenant, &retirement.user, &retirement.from)
+            });
             all.push(retirement);
         })
     }
@@ -78,7 +90,9 @@ impl Retirements {
         let _lock = crate::trust::lock_state(path)?;
         let mut all = load(path)?;
         change(&mut all);
-        let bytes = Zeroizing::new(serde_json::to_vec_pretty(&all).expect("retirements serialize"));
+        // Sized up front, so that no growing buffer frees an unwiped copy of a release.
+        let mut bytes = Zeroizing::new(Vec::with_capacity(256 + 1024 * all.len()));
+        serde_json::to_writer_pretty(&mut *bytes, &all).expect("retirements serialize");
         crate::device::write_atomically(path, &bytes[..], 0o600).map_err(|e| {
             crate::trust::state_error(path, format!("cannot record a pending retirement: {e}"))
         })
@@ -94,27 +108,40 @@ fn load(path: &Path) -> Result<Vec<PendingRetirement>, ClientError> {
 mod tests {
     use super::*;
 
-    fn pending(user: &str, release: &str) -> PendingRetirement {
+    fn pending(user: &str, from: &str, release: &str) -> PendingRetirement {
         PendingRetirement {
+            tenant: "t".into(),
             user: user.into(),
-            from: "aa".repeat(32),
+            from: from.repeat(32),
             release: Zeroizing::new(release.into()),
         }
     }
 
     #[test]
-    fn pending_retirements_are_kept_per_user_until_forgotten() {
+    fn pending_retirements_are_kept_per_account_and_fleet_until_forgotten() {
         let dir = tempfile::tempdir().unwrap();
         let kept = Retirements::beside(Some(dir.path().join("trust-state.json")));
-        assert_eq!(kept.pending("alice").unwrap(), None);
-        kept.remember(pending("alice", "01")).unwrap();
-        kept.remember(pending("bob", "02")).unwrap();
-        // A newer one replaces the user's older one.
-        kept.remember(pending("alice", "03")).unwrap();
-        assert_eq!(kept.pending("alice").unwrap(), Some(pending("alice", "03")));
-        kept.forget(&pending("alice", "03")).unwrap();
-        assert_eq!(kept.pending("alice").unwrap(), None);
-        assert_eq!(kept.pending("bob").unwrap(), Some(pending("bob", "02")));
+        assert!(kept.pending("t", "alice").unwrap().is_empty());
+        kept.remember(pending("alice", "aa", "01")).unwrap();
+        kept.remember(pending("bob", "aa", "02")).unwrap();
+        // A newer one for the same fleet replaces the older; another fleet's is kept too.
+        kept.remember(pending("alice", "aa", "03")).unwrap();
+        kept.remember(pending("alice", "bb", "04")).unwrap();
+        assert_eq!(
+            kept.pending("t", "alice").unwrap(),
+            vec![pending("alice", "aa", "03"), pending("alice", "bb", "04")]
+        );
+        // Another tenant's alice is someone else.
+        assert!(kept.pending("u", "alice").unwrap().is_empty());
+        kept.forget(&pending("alice", "aa", "03")).unwrap();
+        assert_eq!(
+            kept.pending("t", "alice").unwrap(),
+            vec![pending("alice", "bb", "04")]
+        );
+        assert_eq!(
+            kept.pending("t", "bob").unwrap(),
+            vec![pending("bob", "aa", "02")]
+        );
         let file = dir.path().join("trust-state.retirements.json");
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(
@@ -123,19 +150,19 @@ mod tests {
         );
         // Damage is an error, not an empty list: that would forget a retirement.
         std::fs::write(&file, b"[{").unwrap();
-        assert!(kept.pending("bob").is_err());
+        assert!(kept.pending("t", "bob").is_err());
     }
 
     #[test]
     fn debug_hides_the_release() {
-        let shown = format!("{:?}", pending("alice", "5ec2e7"));
+        let shown = format!("{:?}", pending("alice", "aa", "5ec2e7"));
         assert!(shown.contains("alice") && !shown.contains("5ec2e7"));
     }
 
     #[test]
     fn pinned_clients_keep_nothing() {
         let kept = Retirements::beside(None);
-        kept.remember(pending("alice", "01")).unwrap();
-        assert_eq!(kept.pending("alice").unwrap(), None);
+        kept.remember(pending("alice", "aa", "01")).unwrap();
+        assert!(kept.pending("t", "alice").unwrap().is_empty());
     }
 }

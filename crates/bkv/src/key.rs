@@ -203,10 +203,7 @@ pub async fn run(command: KeyCommand) -> Result<(), Failure> {
                     "moved {} from recover-only fleet {from} to the active fleet (full budget); the old record is retired",
                     vault.user
                 ),
-                Some(bkv_client::Moved::Failed(why)) => eprintln!(
-                    "warning: moving {} off a recover-only fleet is not finished: {why}; the next recovery tries again",
-                    vault.user
-                ),
+                Some(bkv_client::Moved::Failed(why)) => eprintln!("warning: {why}"),
             }
             Ok(())
         }

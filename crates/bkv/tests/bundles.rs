@@ -507,8 +507,7 @@ fn rotation_moves_users_of_the_old_fleet_and_sends_new_ones_to_the_new_fleet() {
     assert_success(&out);
     let warning = String::from_utf8_lossy(&out.stderr);
     assert!(
-        warning.contains("old record was not retired")
-            && warning.contains("next recovery tries again"),
+        warning.contains("was not retired") && warning.contains("next recovery tries again"),
         "{warning}"
     );
     assert_eq!(
