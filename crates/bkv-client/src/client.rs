@@ -385,8 +385,7 @@ impl VaultClient {
         let mut outcome = None;
         for pending in kept {
             let from = hex::decode(&pending.from).unwrap_or_default();
-            // A fleet no longer trusted is being shut down, and its proof would not count.
-            if from == current[..] || self.trust.foreign(&from).is_some() {
+            if !pending.worth_sending(current, self.trust.foreign(&from).is_none()) {
                 let _ = self.retirements.forget(&pending);
                 continue;
             }

@@ -37,6 +37,16 @@ impl std::fmt::Debug for PendingRetirement {
     }
 }
 
+impl PendingRetirement {
+    /// Whether to send this retirement after a recovery from the active fleet `current`
+    /// (`false`: drop it unsent). Never to `current` itself, whose record the user lives
+    /// on (the operator made it active again), nor to a fleet no longer trusted (`trusted`
+    /// is false), which is being shut down and whose proof would not count.
+    pub(crate) fn worth_sending(&self, current: &[u8; 32], trusted: bool) -> bool {
+        trusted && !self.from.eq_ignore_ascii_case(&hex::encode(current))
+    }
+}
+
 /// The file of pending retirements, beside the trust state (none in pinned mode, where
 /// there is no other fleet to leave).
 #[derive(Clone, Debug)]
@@ -151,6 +161,17 @@ mod tests {
         // Damage is an error, not an empty list: that would forget a retirement.
         std::fs::write(&file, b"[{").unwrap();
         assert!(kept.pending("t", "bob").is_err());
+    }
+
+    #[test]
+    fn a_kept_retirement_never_goes_to_the_fleet_the_key_just_came_from() {
+        let kept = pending("alice", "aa", "01");
+        // Recovered from the new fleet: the old one's record can go.
+        assert!(kept.worth_sending(&[0xbb; 32], true));
+        // Recovered from the old fleet, active again: its record is the user's only one.
+        assert!(!kept.worth_sending(&[0xaa; 32], true));
+        // The old fleet left the bundle: nothing to send, nothing to trust.
+        assert!(!kept.worth_sending(&[0xbb; 32], false));
     }
 
     #[test]
