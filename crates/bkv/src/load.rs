@@ -100,6 +100,17 @@ impl CryptoFloor {
     pub fn enroll_limit(&self) -> f64 {
         self.cores as f64 * 1e6 / self.enroll_us
     }
+    /// Microseconds of server work per operation of `op` (mixed is judged as recovery).
+    pub fn op_us(&self, op: Op) -> f64 {
+        match op {
+            Op::Enroll => self.enroll_us,
+            Op::Recover | Op::Mixed => self.recover_us,
+        }
+    }
+    /// Operations of `op` per second if every core did nothing but their cryptography.
+    pub fn op_limit(&self, op: Op) -> f64 {
+        self.cores as f64 * 1e6 / self.op_us(op)
+    }
 }
 
 /// Times the server's OPAQUE work in process (the client's work is done but not timed).
@@ -446,6 +457,7 @@ pub async fn run(args: LoadArgs) -> Result<(), Failure> {
         percentile(&tally.latencies_us, 99.0),
     );
     let max = tally.latencies_us.last().copied().unwrap_or(0) as f64 / 1000.0;
+    let ms_per_op = |cpu_s: f64| if ok > 0 { cpu_s * 1000.0 / ok as f64 } else { 0.0 };
 
     // The leader does every operation's OPAQUE work and drives replication: it is the
     // busiest node, and the one whose cores bound a fleet whose nodes have machines of
@@ -455,12 +467,10 @@ pub async fn run(args: LoadArgs) -> Result<(), Failure> {
         .filter(|(name, _)| name.starts_with("dc"))
         .max_by(|a, b| a.1.total_cmp(&b.1))
         .filter(|_| ok > 0)
-        .map(|(name, s)| (name.clone(), s * 1000.0 / ok as f64));
+        .map(|(name, s)| (name.clone(), ms_per_op(*s)));
+    let floor_fraction = floor.map(|f| throughput / f.op_limit(args.op));
     let leader_bound = match (floor, busiest.as_ref()) {
-        (Some(f), Some((_, ms))) if *ms > 0.0 => Some(match args.op {
-            Op::Enroll => f.enroll_us / (ms * 1000.0),
-            _ => f.recover_us / (ms * 1000.0),
-        }),
+        (Some(f), Some((_, ms))) if *ms > 0.0 => Some(f.op_us(args.op) / (ms * 1000.0)),
         _ => None,
     };
 
@@ -497,17 +507,14 @@ pub async fn run(args: LoadArgs) -> Result<(), Failure> {
         "latency_ms": { "p50": p50, "p90": p90, "p99": p99, "max": max },
         "errors": tally.errors,
         "fleet_cpu_s": fleet_cpu,
-        "fleet_cpu_ms_per_op": if ok > 0 { fleet_cpu * 1000.0 / ok as f64 } else { 0.0 },
+        "fleet_cpu_ms_per_op": ms_per_op(fleet_cpu),
         "cpu_by_process_s": cpu.iter().map(|(n, s)| (n.clone(), *s)).collect::<BTreeMap<_, _>>(),
         "client_cpu_s": client_cpu,
-        "client_cpu_ms_per_op": if ok > 0 { client_cpu * 1000.0 / ok as f64 } else { 0.0 },
+        "client_cpu_ms_per_op": ms_per_op(client_cpu),
         "floor": floor.map(|f| serde_json::json!({
             "server_recover_us": f.recover_us, "server_enroll_us": f.enroll_us, "cores": f.cores,
             "recoveries_per_s": f.recover_limit(), "enrollments_per_s": f.enroll_limit(),
-            "fraction_of_floor": match args.op {
-                Op::Enroll => throughput / f.enroll_limit(),
-                _ => throughput / f.recover_limit(),
-            },
+            "fraction_of_floor": floor_fraction,
             "leader_bound_fraction": leader_bound,
         })),
         "busiest_node": busiest.as_ref().map(|(name, ms)| serde_json::json!({ "name": name, "cpu_ms_per_op": ms })),
@@ -535,31 +542,18 @@ pub async fn run(args: LoadArgs) -> Result<(), Failure> {
     }
     println!(
         "fleet CPU: {fleet_cpu:.2} s ({:.3} ms per op) {:?}",
-        if ok > 0 {
-            fleet_cpu * 1000.0 / ok as f64
-        } else {
-            0.0
-        },
+        ms_per_op(fleet_cpu),
         cpu.iter()
             .map(|(n, s)| format!("{n}={s:.2}"))
             .collect::<Vec<_>>()
     );
     println!(
         "client CPU (this load generator): {client_cpu:.2} s ({:.3} ms per op)",
-        if ok > 0 {
-            client_cpu * 1000.0 / ok as f64
-        } else {
-            0.0
-        }
+        ms_per_op(client_cpu)
     );
-    if let Some(f) = floor {
+    if let (Some(f), Some(fraction)) = (floor, floor_fraction) {
         print_floor(&f);
-        let limit = if args.op == Op::Enroll {
-            f.enroll_limit()
-        } else {
-            f.recover_limit()
-        };
-        println!("throughput = {:.3} of the crypto floor", throughput / limit);
+        println!("throughput = {fraction:.3} of the crypto floor");
         if let (Some((name, ms)), Some(fraction)) = (&busiest, leader_bound) {
             println!(
                 "busiest node {name}: {ms:.3} ms CPU per op; on cores of its own it would reach {fraction:.3} of the crypto floor"
