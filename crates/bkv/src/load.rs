@@ -457,7 +457,13 @@ pub async fn run(args: LoadArgs) -> Result<(), Failure> {
         percentile(&tally.latencies_us, 99.0),
     );
     let max = tally.latencies_us.last().copied().unwrap_or(0) as f64 / 1000.0;
-    let ms_per_op = |cpu_s: f64| if ok > 0 { cpu_s * 1000.0 / ok as f64 } else { 0.0 };
+    let ms_per_op = |cpu_s: f64| {
+        if ok > 0 {
+            cpu_s * 1000.0 / ok as f64
+        } else {
+            0.0
+        }
+    };
 
     // The leader does every operation's OPAQUE work and drives replication: it is the
     // busiest node, and the one whose cores bound a fleet whose nodes have machines of

@@ -162,8 +162,6 @@ impl MachineData {
     fn snapshot_meta(&mut self) -> SnapshotMeta<NodeId, MemberNode> {
         self.snapshots_built += 1;
         self.has_snapshot = true;
-        self.commands_since_snapshot = 0;
-        self.snapshot_asked = false;
         let snapshot_id = format!(
             "{}-{}",
             self.last_applied.map(|l| l.index).unwrap_or(0),
@@ -215,7 +213,14 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
         // away. They are made when a member needs them, from the state as it is then
         // (`get_current_snapshot`). Should anything try to install these, the empty
         // bytes do not decode: it fails, it does not install an empty table.
-        let meta = self.shared.machine().snapshot_meta();
+        let meta = {
+            let mut machine = self.shared.machine();
+            // The point openraft purges its log to: the count of commands it keeps
+            // restarts here, not at a copy made to catch a member up.
+            machine.commands_since_snapshot = 0;
+            machine.snapshot_asked = false;
+            machine.snapshot_meta()
+        };
         Ok(Snapshot {
             meta,
             snapshot: Box::default(),

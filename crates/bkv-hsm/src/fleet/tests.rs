@@ -1284,6 +1284,46 @@ async fn snapshots_count_record_commands_not_raft_entries() {
     .await;
 }
 
+#[tokio::test]
+async fn catching_a_member_up_does_not_postpone_the_next_snapshot() {
+    use openraft::storage::RaftStateMachine;
+    let transport = Arc::new(LocalTransport::default());
+    let config = HsmConfig {
+        snapshot_every: 20,
+        ..test_config()
+    };
+    let (platform, _clock) = SimulatedPlatform::new(401, CODE);
+    let hsm = FleetHsm::start(Arc::new(platform), "dc1", config, transport.clone())
+        .await
+        .unwrap();
+    hsm.found(5).await.unwrap();
+    let snapshot_index = || {
+        hsm.raft
+            .metrics()
+            .borrow()
+            .snapshot
+            .map(|s| s.index)
+            .unwrap_or(0)
+    };
+    let users: Vec<AccountId> = (0..40).map(|n| account(&format!("c{n}"))).collect();
+    for user in &users[..20] {
+        enroll(&hsm, user, b"1234").await;
+    }
+    eventually("first snapshot", || snapshot_index() > 0).await;
+    let first = snapshot_index();
+    for user in &users[20..32] {
+        enroll(&hsm, user, b"1234").await;
+    }
+    // A copy for a member being caught up, made between two routine snapshots.
+    let mut store = store::StateMachineStore::new(hsm.shared.clone(), 20);
+    assert!(store.get_current_snapshot().await.unwrap().is_some());
+    // 12 + 8 commands since the first snapshot: the second is due all the same.
+    for user in &users[32..] {
+        enroll(&hsm, user, b"1234").await;
+    }
+    eventually("second snapshot", || snapshot_index() > first).await;
+}
+
 #[test]
 fn the_empty_bytes_of_a_built_snapshot_never_install_as_a_state() {
     // `build_snapshot` hands openraft metadata and no bytes (see store.rs): were they ever
