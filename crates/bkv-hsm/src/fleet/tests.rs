@@ -77,8 +77,19 @@ async fn member(
     dc: &str,
     code: [u8; 32],
 ) -> (Arc<FleetHsm>, SimulatedClock) {
+    member_with(transport, seed, dc, code, test_config()).await
+}
+
+/// A member with `config`, reachable through `transport`.
+async fn member_with(
+    transport: &Arc<LocalTransport>,
+    seed: u64,
+    dc: &str,
+    code: [u8; 32],
+    config: HsmConfig,
+) -> (Arc<FleetHsm>, SimulatedClock) {
     let (platform, clock) = SimulatedPlatform::new(seed, code);
-    let hsm = FleetHsm::start(Arc::new(platform), dc, test_config(), transport.clone())
+    let hsm = FleetHsm::start(Arc::new(platform), dc, config, transport.clone())
         .await
         .unwrap();
     transport
@@ -835,21 +846,7 @@ async fn a_new_member_catches_up_from_a_snapshot_when_the_log_was_purged() {
         snapshot_every: 10,
         ..test_config()
     };
-    let start = |seed: u64, dc: &'static str| {
-        let transport = transport.clone();
-        async move {
-            let (platform, clock) = SimulatedPlatform::new(seed, CODE);
-            let hsm = FleetHsm::start(Arc::new(platform), dc, config, transport.clone())
-                .await
-                .unwrap();
-            transport
-                .members
-                .lock()
-                .unwrap()
-                .insert(dc.to_string(), hsm.clone());
-            (hsm, clock)
-        }
-    };
+    let start = |seed: u64, dc: &'static str| member_with(&transport, seed, dc, CODE, config);
     let (leader, clock) = start(300, "dc1").await;
     leader.found(10).await.unwrap();
     let (second, _) = start(301, "dc2").await;
@@ -1252,10 +1249,7 @@ async fn snapshots_count_record_commands_not_raft_entries() {
         snapshot_every: 20,
         ..test_config()
     };
-    let (platform, _clock) = SimulatedPlatform::new(400, CODE);
-    let hsm = FleetHsm::start(Arc::new(platform), "dc1", config, transport.clone())
-        .await
-        .unwrap();
+    let (hsm, _clock) = member_with(&transport, 400, "dc1", CODE, config).await;
     hsm.found(5).await.unwrap();
     let users: Vec<AccountId> = (0..12).map(|n| account(&format!("s{n}"))).collect();
     for user in &users {
@@ -1292,10 +1286,7 @@ async fn catching_a_member_up_does_not_postpone_the_next_snapshot() {
         snapshot_every: 20,
         ..test_config()
     };
-    let (platform, _clock) = SimulatedPlatform::new(401, CODE);
-    let hsm = FleetHsm::start(Arc::new(platform), "dc1", config, transport.clone())
-        .await
-        .unwrap();
+    let (hsm, _clock) = member_with(&transport, 401, "dc1", CODE, config).await;
     hsm.found(5).await.unwrap();
     let snapshot_index = || {
         hsm.raft
