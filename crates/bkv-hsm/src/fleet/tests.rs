@@ -101,8 +101,17 @@ async fn member_with(
 }
 
 async fn hsm(max_attempts: u32) -> (Arc<FleetHsm>, SimulatedClock) {
+    founded_with(7, test_config(), max_attempts).await
+}
+
+/// A fleet of one member with `config`, founded with `max_attempts`.
+async fn founded_with(
+    seed: u64,
+    config: HsmConfig,
+    max_attempts: u32,
+) -> (Arc<FleetHsm>, SimulatedClock) {
     let transport = Arc::new(LocalTransport::default());
-    let (hsm, clock) = member(&transport, 7, "dc1", CODE).await;
+    let (hsm, clock) = member_with(&transport, seed, "dc1", CODE, config).await;
     hsm.found(max_attempts).await.unwrap();
     (hsm, clock)
 }
@@ -1244,13 +1253,11 @@ async fn guesses_that_arrive_together_share_an_entry_and_each_gets_its_own_outco
 
 #[tokio::test]
 async fn snapshots_count_record_commands_not_raft_entries() {
-    let transport = Arc::new(LocalTransport::default());
     let config = HsmConfig {
         snapshot_every: 20,
         ..test_config()
     };
-    let (hsm, _clock) = member_with(&transport, 400, "dc1", CODE, config).await;
-    hsm.found(5).await.unwrap();
+    let (hsm, _clock) = founded_with(400, config, 5).await;
     let users: Vec<AccountId> = (0..12).map(|n| account(&format!("s{n}"))).collect();
     for user in &users {
         enroll(&hsm, user, b"1234").await;
@@ -1281,13 +1288,11 @@ async fn snapshots_count_record_commands_not_raft_entries() {
 #[tokio::test]
 async fn catching_a_member_up_does_not_postpone_the_next_snapshot() {
     use openraft::storage::RaftStateMachine;
-    let transport = Arc::new(LocalTransport::default());
     let config = HsmConfig {
         snapshot_every: 20,
         ..test_config()
     };
-    let (hsm, _clock) = member_with(&transport, 401, "dc1", CODE, config).await;
-    hsm.found(5).await.unwrap();
+    let (hsm, _clock) = founded_with(401, config, 5).await;
     let snapshot_index = || {
         hsm.raft
             .metrics()
