@@ -396,6 +396,16 @@ fn rotation_moves_users_of_the_old_fleet_and_sends_new_ones_to_the_new_fleet() {
         assert_success(&out);
         serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
     };
+    // Recovers `user` through the rotation frontend; says whether the record moved (or
+    // a kept retirement finished).
+    let recover_moves = |user: &str, device: &Path, pin: &str| {
+        let out = key_with_pin(&client, "recover", user, device, pin);
+        assert_success(&out);
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let moved = stdout.contains(&format!("moved {user}"));
+        assert!(moved || !stdout.contains("moved"), "{stdout}");
+        moved
+    };
     std::thread::sleep(Duration::from_millis(1300));
 
     // A new user goes to B.
@@ -411,13 +421,7 @@ fn rotation_moves_users_of_the_old_fleet_and_sends_new_ones_to_the_new_fleet() {
     assert_fails(&out, 3, "attempts left");
     assert_eq!(vault.status("bob")["attempts_left"], 9);
     // alice recovers: found on A, moved to B with her key and a full budget, A's record retired.
-    let out = key_with_pin(&client, "recover", "alice", &vault.device("alice2"), "1111");
-    assert_success(&out);
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("moved alice"),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    assert!(recover_moves("alice", &vault.device("alice2"), "1111"));
     assert_eq!(
         std::fs::read(vault.device("alice").join("backup.key")).unwrap(),
         std::fs::read(vault.device("alice2").join("backup.key")).unwrap()
@@ -442,13 +446,9 @@ fn rotation_moves_users_of_the_old_fleet_and_sends_new_ones_to_the_new_fleet() {
     assert_eq!(vault.status("bob")["state"], "active");
     // Through the rotation frontend alice is on B now, with a full budget, and recovers there.
     assert_eq!(status("alice")["attempts_left"], 10);
-    let out = key_with_pin(&client, "recover", "alice", &vault.device("alice3"), "1111");
-    assert_success(&out);
-    assert!(!String::from_utf8_lossy(&out.stdout).contains("moved"));
+    assert!(!recover_moves("alice", &vault.device("alice3"), "1111"));
     // bob with the right PIN moves too; carol stays where she is.
-    let out = key_with_pin(&client, "recover", "bob", &vault.device("bob3"), "2222");
-    assert_success(&out);
-    assert!(String::from_utf8_lossy(&out.stdout).contains("moved bob"));
+    assert!(recover_moves("bob", &vault.device("bob3"), "2222"));
     assert_eq!(status("bob")["attempts_left"], 10);
     assert_success(&key_with_pin(
         &client,
@@ -520,22 +520,14 @@ fn rotation_moves_users_of_the_old_fleet_and_sends_new_ones_to_the_new_fleet() {
         10,
         "B holds erin with a full budget"
     );
-    let out = key_with_pin(&client, "recover", "erin", &vault.device("erin3"), "5555");
-    assert_success(&out);
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("moved erin"),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    assert!(recover_moves("erin", &vault.device("erin3"), "5555"));
     assert_eq!(
         vault.status("erin")["state"],
         "destroyed",
         "A's record is retired now"
     );
     // Done: the next recovery has nothing left to retry.
-    let out = key_with_pin(&client, "recover", "erin", &vault.device("erin4"), "5555");
-    assert_success(&out);
-    assert!(!String::from_utf8_lossy(&out.stdout).contains("moved"));
+    assert!(!recover_moves("erin", &vault.device("erin4"), "5555"));
 
     // New enrollments are refused by a recover-only fleet: A's own frontend now serves
     // epoch 2, where A is recover-only.
